@@ -1,0 +1,129 @@
+"Tests of cxr_pggan.archive: exact count, NIH layout, labels from disk, resume after SIGKILL, sharding, settings guard."
+import json, os, signal, socket, subprocess, sys, time
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch
+
+from cxr_pggan.data import LABELS, load_metadata, find_images, read_image
+from cxr_pggan import archive as A
+from cxr_pggan.classifier import load_classifier
+
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    return A._random_networks(tmp_path_factory.mktemp('nets'), resolution=16)
+
+
+@pytest.fixture(scope='module')
+def ref_csv(tmp_path_factory):
+    "A small reference metadata file (the real NIH rows shipped in ../shared would do too; this one needs nothing)."
+    p = tmp_path_factory.mktemp('ref') / 'ref.csv'
+    labs = ['No Finding'] * 6 + ['Cardiomegaly', 'Effusion|Cardiomegaly', 'Atelectasis', 'Hernia']
+    pd.DataFrame({'Image Index': [f'{i:08d}_000.png' for i in range(10)], 'Finding Labels': labs, 'Follow-up #': 0,
+                  'Patient ID': range(10), 'Patient Age': 40, 'Patient Sex': 'M', 'View Position': 'PA'}).to_csv(p, index=False)
+    return p
+
+
+def _check_archive(out: Path, n: int, clf_path: Path):
+    meta = load_metadata(out / A.CSV_NAME)
+    pngs = sorted(p.name for p in (out / 'images').iterdir())
+    assert len(meta) == n and pngs == sorted(meta['Image Index']), (len(meta), len(pngs))
+    assert not meta['Image Index'].duplicated().any()
+    assert not [p for p in out.rglob('*') if p.name.startswith('.')], 'temporary files left'
+    assert len(find_images(meta, out)) == n
+    # every PNG decodes; labels are the classifier's at its thresholds on the file as written
+    clf = load_classifier(clf_path)
+    x = torch.stack([torch.from_numpy(read_image(out / 'images' / nm))[None] for nm in meta['Image Index']])
+    with torch.no_grad(): labs = A.final_labels(clf(x), clf.thresholds)
+    assert labs == meta['Finding Labels'].tolist()
+    # follow-ups of a patient are 0..k-1 with 1 <= k <= 6
+    for pid, g in meta.groupby('Patient ID'):
+        assert sorted(g['Follow-up #']) == list(range(len(g))) and 1 <= len(g) <= 6
+    return meta
+
+
+def test_build_exact_n_and_layout(tmp_path, nets, ref_csv):
+    gp, cp = nets
+    s = A.build_archive(gp, cp, 13, tmp_path / 'a', reference=ref_csv, steps=8, seed=1)
+    assert s['complete'] and s['images'] == 13
+    meta = _check_archive(tmp_path / 'a', 13, cp)
+    plan = json.loads((tmp_path / 'a' / 'archive.json').read_text())
+    assert sum(plan['patients']) == 13 and plan['reference_prevalence']['No Finding'] == 0.6
+    t = pd.read_csv(tmp_path / 'a' / 'prevalence.csv')
+    assert list(t.label) == LABELS and {'reference', 'archive', 'abs_diff', 'within_tolerance'} <= set(t.columns)
+    prov = json.loads((tmp_path / 'a' / (A.CSV_NAME + '.provenance.json')).read_text())
+    assert prov['pretrained_weights']['classifier']['sha256'] and prov['pretrained_weights']['generator']['sha256']
+    # the target class of the first patient is the reference's most common label
+    recs = A._load_records(tmp_path / 'a' / 'records')
+    assert recs[0]['target'] == 'No Finding' or 'No Finding' in recs[0]['dropped_classes']
+    # each patient's z* (follow-up 0) carries its target label (accepted only then)
+    for r in recs.values():
+        labs = r['images'][0]['labels'].split('|')
+        assert r['target'] in labs or r['target'] == 'No Finding' and labs == ['No Finding'], r
+    with pytest.raises(ValueError, match='other settings'): A.build_archive(gp, cp, 13, tmp_path / 'a', reference=ref_csv, seed=2)
+
+
+def test_deficit_choice_tracks_reference():
+    prev = pd.Series(0.0, index=LABELS); prev[['No Finding', 'Cardiomegaly', 'Hernia']] = [0.5, 0.3, 0.2]
+    counts, n, picks = pd.Series(0.0, index=LABELS), 0, []
+    for _ in range(100):
+        c = A.choose_class(prev, counts, n, 1, LABELS); picks.append(c); counts[c] += 1; n += 1
+    assert abs(picks.count('No Finding') - 50) <= 1 and abs(picks.count('Cardiomegaly') - 30) <= 1 and abs(picks.count('Hernia') - 20) <= 1
+
+
+def _run(args, env=None):
+    code = 'import sys; from cxr_pggan.archive import archive_cli; sys.exit(archive_cli(sys.argv[1:]))'
+    return subprocess.Popen([sys.executable, '-c', code, *map(str, args)], env={**os.environ, 'TQDM_DISABLE': '1', **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_resume_after_sigkill(tmp_path, nets, ref_csv):
+    gp, cp = nets
+    out, n = tmp_path / 'k', 80
+    args = ['--generator', gp, '--classifier', cp, '--n', n, '--out', out, '--reference', ref_csv, '--steps', 8, '--seed', 3]
+    for wait_records in (1, 4):                   # kill twice, at different points
+        p = _run(args)
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            if len(list((out / 'records').glob('*.json'))) >= wait_records if (out / 'records').exists() else False: break
+            if p.poll() is not None: break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL); p.wait()
+        assert p.returncode == -signal.SIGKILL, f'finished before it could be killed: {p.communicate()[0][-2000:]}'
+    assert not (out / A.CSV_NAME).exists()       # no CSV while incomplete
+    # what a kill in the middle of writing leaves: a temp file, and PNGs of a patient without a record
+    (out / 'images' / '.00000079_000.png.x1y2.png.tmp').write_bytes(b'\x89PNG half')
+    done = A._load_records(out / 'records')
+    nxt = min(set(range(len(json.loads((out / 'archive.json').read_text())['patients']))) - set(done))
+    (out / 'images' / f'{nxt:08d}_000.png').write_bytes(b'\x89PNG truncated')
+    p = _run(args); log = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 0, log[-3000:]
+    _check_archive(out, n, cp)
+    # running again changes nothing
+    before = {q.name: q.stat().st_mtime_ns for q in (out / 'images').iterdir()}
+    p = _run(args); p.communicate(timeout=120)
+    assert p.returncode == 0 and before == {q.name: q.stat().st_mtime_ns for q in (out / 'images').iterdir()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_sharded_two_ranks(tmp_path, nets, ref_csv):
+    "Two processes with the torchrun environment (RANK/WORLD_SIZE/MASTER_*) share the patients and end with one archive."
+    gp, cp = nets
+    out, n = tmp_path / 's', 17
+    args = ['--generator', gp, '--classifier', cp, '--n', n, '--out', out, '--reference', ref_csv, '--steps', 6, '--device', 'cpu']
+    port = str(_free_port())
+    ps = [_run(args, dict(RANK=str(r), WORLD_SIZE='2', LOCAL_RANK=str(r), MASTER_ADDR='127.0.0.1', MASTER_PORT=port)) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], logs
+    _check_archive(out, n, cp)
+    recs = A._load_records(out / 'records')
+    assert len(recs) == len(json.loads((out / 'archive.json').read_text())['patients'])
+
+
+def test_cli_errors(tmp_path, nets):
+    gp, cp = nets
+    assert A.archive_cli(['--generator', str(tmp_path / 'none.pt'), '--classifier', str(cp), '--n', '3', '--out', str(tmp_path / 'o')]) == 2
+    assert A.archive_cli(['--generator', str(gp), '--classifier', str(tmp_path / 'none.pt'), '--n', '3', '--out', str(tmp_path / 'o')]) == 2
