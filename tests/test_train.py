@@ -141,14 +141,16 @@ def test_resume_refuses_other_architecture(nih_folder, tmp_path):
 
 DDP_SCRIPT = textwrap.dedent('''
     import hashlib, json, sys, torch
+    from pathlib import Path
     from cxr_pggan import train as T
-    P = json.loads(open(sys.argv[1]).read())
+    P = json.loads(open(sys.argv[1]).read()); out = Path(sys.argv[2])
+    # each rank reports to its own file: torchrun interleaves the workers' stdout
     def digest(step, ctx):
         if ctx['state']['images_shown'] >= 128:
             h = hashlib.sha256(b''.join(t.detach().numpy().tobytes() for t in ctx['G_ema'].state_dict().values())).hexdigest()
-            print(f"RANK{ctx['rank']} {h} {ctx['state']['images_shown']}", flush=True)
+            (out / f"rank{ctx['rank']}.txt").write_text(f"RANK{ctx['rank']} {h} {ctx['state']['images_shown']}")
     res = T.train(P, callbacks=[digest], quiet=True)
-    print(f"DONE{res['rank']} world={res['world']} final={res['final']}", flush=True)
+    (out / f"done{res['rank']}.txt").write_text(f"DONE{res['rank']} world={res['world']} final={res['final']}")
 ''')
 
 
@@ -158,13 +160,13 @@ def test_ddp_two_processes_gloo(nih_folder, tmp_path):
     (tmp_path / 'p.json').write_text(json.dumps(P)); (tmp_path / 'ddp.py').write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        str(tmp_path / 'ddp.py'), str(tmp_path / 'p.json')], capture_output=True, text=True, env=env, timeout=240)
+                        str(tmp_path / 'ddp.py'), str(tmp_path / 'p.json'), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = [l.split() for l in r.stdout.splitlines() if l.startswith('RANK')]
+    lines = [(tmp_path / f'rank{k}.txt').read_text().split() for k in (0, 1) if (tmp_path / f'rank{k}.txt').exists()]
     assert sorted(l[0] for l in lines) == ['RANK0', 'RANK1']
     assert lines[0][1] == lines[1][1]                                 # identical EMA weights on both ranks
     assert all(l[2] == '128' for l in lines)                          # images shown counts both processes
-    assert 'DONE1 world=2 final=None' in r.stdout                     # only rank 0 writes
+    assert (tmp_path / 'done1.txt').read_text() == 'DONE1 world=2 final=None'   # only rank 0 writes
     ck = torch.load(T.latest_checkpoint(tmp_path / 'ckpt'), weights_only=True)
     assert len(ck['rng']['noise']) == 2 and ck['state']['step'] == 16
 
