@@ -382,14 +382,8 @@ def _labelled_frame(data: str | Path | None, metadata: str | Path | None, splits
         from cxr_pggan.phantom import ensure_phantom
         data = ensure_phantom(phantom, phantom_size, seed)
     if data is None: raise ValueError("give --data DIR (NIH layout: images/ + Data_Entry_2017*.csv) or --phantom N")
-    data = Path(data)
-    if not data.is_dir(): raise FileNotFoundError(f"data folder {data} does not exist; give the folder holding images/ and Data_Entry_2017*.csv")
-    if metadata is None:
-        cands = sorted(data.glob('Data_Entry_2017*.csv'))
-        if not cands: raise FileNotFoundError(f"no Data_Entry_2017*.csv in {data}; pass --metadata CSV")
-        metadata = cands[0]
-    df = D.find_images(D.load_metadata(metadata), data, on_missing='drop' if drop_missing else 'raise')
-    inputs = dict(metadata=metadata)
+    df = D.load_folder(data, metadata, on_missing='drop' if drop_missing else 'raise')
+    inputs = dict(metadata=df.attrs['source'])
     if splits is not None: df = D.load_splits(splits, df); inputs['splits'] = splits
     else: df = df.assign(split=D.patient_split(df, seed=seed))
     return df, inputs

@@ -855,11 +855,8 @@ def real_frame(real: str | Path | None = None, phantom_n: int | None = None, pha
         from cxr_pggan.phantom import ensure_phantom
         real = ensure_phantom(phantom_n, phantom_size, seed)
     elif not Path(real).is_absolute() and not Path(real).exists(): real = data_dir(real, create=False)
-    real = Path(real)
-    if not real.is_dir(): raise FileNotFoundError(f"real data folder {real} does not exist; give the folder holding images/ and Data_Entry_2017*.csv")
-    cands = sorted(real.glob('Data_Entry_2017*.csv'))
-    if not cands: raise FileNotFoundError(f"no Data_Entry_2017*.csv in {real}; it must be in the NIH layout")
-    return D.find_images(D.load_metadata(cands[0]), real), dict(metadata=cands[0])
+    df = D.load_folder(real)
+    return df, dict(metadata=df.attrs['source'])
 
 def comparison_rows(frame, feats: dict, halves=None, fake_feats: dict | None = None, kid_subsets: int = 50,
                     kid_subset_size: int = 1000, min_n: int = 2, seed: int = 0):

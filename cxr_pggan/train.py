@@ -117,16 +117,8 @@ def fade_reals(x, alpha: float):
 # %% ../nbs/06_gan_train.ipynb #317892e3
 def load_training_frame(data, metadata=None):
     "Metadata rows (with `path`) of every image found under the NIH-layout folder `data`."
-    from cxr_pggan.data import load_metadata, find_images
-    data = Path(data)
-    if not data.is_dir(): raise FileNotFoundError(f"data folder {data} does not exist; put NIH ChestX-ray14 (or any folder in its layout) there, or pass data=/--data")
-    if metadata is None:
-        cands = sorted(data.glob('Data_Entry_2017*.csv'))
-        if not cands: raise FileNotFoundError(f"{data}: no Data_Entry_2017*.csv; pass metadata= (CLI --metadata) or use a folder in the NIH layout")
-        metadata = cands[0]
-    df = find_images(load_metadata(metadata), data, on_missing='drop')
-    if not len(df): raise FileNotFoundError(f"{data}: none of the images listed in {metadata} were found (images/ or images_0XX/images/)")
-    return df.reset_index(drop=True)
+    from cxr_pggan.data import load_folder
+    return load_folder(data, metadata, on_missing='drop')
 
 class RealImages:
     "Batches of real images in [0, 1] at a given resolution (cached in memory or decoded by workers)."
