@@ -250,26 +250,26 @@ def _thermometer(n, C):
 def _objective_parts(Cs, Ts, p, f, N):
     return ((Cs / Ts[:, None] - p) ** 2).sum(1) + (Ts / N - f) ** 2
 
-def refine_split(assign, n, C, fractions, max_moves: int = 20000, verbose=False):
-    "Greedy patient moves that reduce image-level prevalence and size drift; returns (assignment, moves)."
-    assign = assign.copy(); k = len(fractions); f = np.asarray(fractions, np.float64)
+def refine_split(assign, n, C, fractions, max_moves: int = 20000):
+    "Greedy patient moves that reduce image-level prevalence and size drift; returns (assignment, number of moves)."
+    assign = assign.copy(); k = len(fractions); f = np.asarray(fractions, np.float64); P = np.arange(len(n))
     N = n.sum(); p = C.sum(0) / N
     Cs = np.stack([C[assign == j].sum(0) for j in range(k)]); Ts = np.array([n[assign == j].sum() for j in range(k)])
     moves = 0
-    for moves in range(max_moves + 1):
-        if moves == max_moves: break
+    while moves < max_moves:
         cur = _objective_parts(Cs, Ts, p, f, N)
-        # removing patient i from split j (rows: j) and adding it to split b: new objective terms
+        # change of split j's objective term when patient i leaves it (rem) or joins it (add); rows: splits
         rem = np.stack([((Cs[j] - C) / np.maximum(Ts[j] - n, 1)[:, None] - p) ** 2 for j in range(k)]).sum(2) \
               + (np.stack([Ts[j] - n for j in range(k)]) / N - f[:, None]) ** 2 - cur[:, None]
         add = np.stack([((Cs[b] + C) / (Ts[b] + n)[:, None] - p) ** 2 for b in range(k)]).sum(2) \
               + (np.stack([Ts[b] + n for b in range(k)]) / N - f[:, None]) ** 2 - cur[:, None]
-        gain = rem[assign, np.arange(len(n))][None, :] + add          # (k targets, P)
-        gain[assign, np.arange(len(n))] = np.inf                        # moving to its own split is no move
+        gain = rem[assign, P][None, :] + add          # (k targets, patients): objective change of each move
+        gain[assign, P] = np.inf                      # moving to its own split is no move
         b, i = np.unravel_index(np.argmin(gain), gain.shape)
         if gain[b, i] >= -1e-15: break
         a = assign[i]
         Cs[a] -= C[i]; Ts[a] -= n[i]; Cs[b] += C[i]; Ts[b] += n[i]; assign[i] = b
+        moves += 1
     return assign, moves
 
 # %% ../nbs/01_data.ipynb #c8c0b760
