@@ -14,9 +14,9 @@ from .core import atomic_path, atomic_write, data_dir, file_sha256, progress
 from .data import FINDINGS, LABELS, load_metadata, default_metadata_path
 
 # %% auto #0
-__all__ = ['CP_EFFUSION_THRESHOLD', 'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'patient_anatomy',
-           'image_params', 'render_image', 'lung_masks', 'measure', 'sample_patients', 'render_phantom',
-           'phantom_complete', 'ensure_phantom', 'phantom_grid', 'phantom_cli', 'bench_phantom_cli']
+__all__ = ['CP_EFFUSION_THRESHOLD', 'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'ENRICH_MAX_FOLLOW_UPS',
+           'patient_anatomy', 'image_params', 'render_image', 'lung_masks', 'measure', 'sample_patients',
+           'render_phantom', 'phantom_complete', 'ensure_phantom', 'phantom_grid', 'phantom_cli', 'bench_phantom_cli']
 
 # %% ../nbs/02_phantom.ipynb #c5440d7c
 _META_COLS = ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID', 'Patient Age', 'Patient Sex', 'View Position']
@@ -751,19 +751,43 @@ TRUTH_COLUMNS = ['Image Index', 'Patient ID', 'Follow-up #', 'View Position', 'P
     'fov_cm', 'pixel_spacing_mm', 'magnification', 'rotation_deg', 'shift_x_cm', 'shift_y_cm',
     'window_lo', 'window_hi', 'gamma', 'noise_sd', 'body_scale']
 
-def sample_patients(meta: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+ENRICH_MAX_FOLLOW_UPS = 4   # with enrich > 0, a patient contributes at most this many images (its earliest)
+
+def sample_patients(meta: pd.DataFrame, n: int, seed: int = 0, enrich: float = 0.0) -> pd.DataFrame:
     """`n` rows of `meta` taken patient-wise: patients in a seeded random order, each with all its follow-ups
-    (in follow-up order), until `n` rows are reached; only the last patient may be truncated. Sorted by Image Index."""
+    (in follow-up order), until `n` rows are reached; only the last patient may be truncated. Sorted by Image Index.
+
+    `enrich` = γ ≥ 0 over-samples patients with rare findings: a patient's weight is the largest prevalence(label)^-γ
+    over the labels of its images ('No Finding' counts as a label), and patients are drawn in a weighted random
+    order (Efraimidis–Spirakis keys log(u)/w). γ = 0 is the NIH mix (uniform order); γ = 1 weights each patient by
+    the rarity of its rarest label. With γ > 0 a patient gives at most `ENRICH_MAX_FOLLOW_UPS` images, those with
+    its rarest labels first (then by follow-up), so a few long-followed patients cannot fill the cohort."""
     if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
     if n > len(meta): raise ValueError(f"n={n} exceeds the {len(meta)} rows of the metadata")
-    pids = np.sort(meta['Patient ID'].unique())
-    order = np.random.default_rng(int(seed)).permutation(pids)
+    if not (isinstance(enrich, (int, float, np.floating)) and 0 <= enrich <= 4):
+        raise ValueError(f"enrich must be a number in [0, 4] (0 = the NIH mix, 1 = rare findings weighted by 1/prevalence), got {enrich!r}")
+    rng = np.random.default_rng(int(seed))
+    if enrich == 0:
+        pids = np.sort(meta['Patient ID'].unique())
+        order = rng.permutation(pids)
+    else:
+        from cxr_pggan.data import parse_labels
+        Y = np.asarray(parse_labels(meta['Finding Labels']), bool)
+        prev = np.maximum(Y.mean(0), 1.0 / len(meta))
+        wi = np.where(Y, prev[None, :] ** -float(enrich), 0.0).max(1)             # image weight: its rarest label
+        w = pd.Series(wi).groupby(meta['Patient ID'].to_numpy()).max()
+        keys = np.log(rng.random(len(w))) / w.to_numpy()          # weighted order without replacement, largest key first
+        order = w.index.to_numpy()[np.argsort(-keys, kind='stable')]
     rank = pd.Series(np.arange(len(order)), index=order)
     m = meta.assign(_rank=rank.loc[meta['Patient ID']].to_numpy())
-    m = m.sort_values(['_rank', 'Follow-up #', 'Image Index'], kind='stable').head(int(n))
-    return m.drop(columns='_rank').sort_values('Image Index', kind='stable').reset_index(drop=True)
+    if enrich:   # each patient's images with the rarest labels first, then by follow-up; at most ENRICH_MAX_FOLLOW_UPS
+        m = m.assign(_w=-wi).sort_values(['_rank', '_w', 'Follow-up #', 'Image Index'], kind='stable')
+        m = m.groupby('Patient ID', sort=False).head(ENRICH_MAX_FOLLOW_UPS).drop(columns='_w')
+    else: m = m.sort_values(['_rank', 'Follow-up #', 'Image Index'], kind='stable')
+    if len(m) < n: raise ValueError(f"n={n} exceeds the {len(m)} rows available with enrich={enrich} (at most {ENRICH_MAX_FOLLOW_UPS} per patient)")
+    return m.head(int(n)).drop(columns='_rank').sort_values('Image Index', kind='stable').reset_index(drop=True)
 
-# %% ../nbs/02_phantom.ipynb #6225ef99
+# %% ../nbs/02_phantom.ipynb #693897e7
 def _render_chunk(job):
     "Worker: render and atomically write the PNGs of a chunk of rows; returns their truth records."
     rows, seed, size, img_dir = job
@@ -786,16 +810,17 @@ def _nih_frame(rows: pd.DataFrame, truth: pd.DataFrame, size: int) -> pd.DataFra
                          'OriginalImagePixelSpacing[x': np.round(sp, 4), 'y]': np.round(sp, 4)})[NIH_COLUMNS]
 
 def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=None, workers: int | None = None,
-                   chunk: int = 16, quiet: bool = False) -> Path:
+                   chunk: int = 16, quiet: bool = False, enrich: float = 0.0) -> Path:
     """Render `n` phantom radiographs (size x size, 8-bit) from real NIH metadata rows sampled patient-wise with `seed`.
     Writes OUT/images/*.png, OUT/Data_Entry_2017.csv (NIH layout), OUT/phantom_truth.csv and, last, OUT/phantom_manifest.json.
-    `workers`: processes (default: up to 2, one for small jobs); the bytes do not depend on it."""
+    `workers`: processes (default: up to 2, one for small jobs); the bytes do not depend on it.
+    `enrich`: over-sample patients with rare findings (see `sample_patients`); 0 keeps the NIH mix."""
     if not isinstance(size, (int, np.integer)) or not 64 <= size <= 2048: raise ValueError(f"size must be an integer in [64, 2048], got {size!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir); img_dir = out / 'images'; img_dir.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)                 # an interrupted render leaves no manifest
     meta = _metadata(metadata)
-    rows = sample_patients(meta, n, seed)
+    rows = sample_patients(meta, n, seed, enrich)
     recs = rows[_META_COLS].to_dict('records')
     jobs = [(recs[i:i + chunk], int(seed), int(size), str(img_dir)) for i in range(0, len(recs), chunk)]
     if workers is None: workers = 1 if n < 200 else max(1, min(2, os.cpu_count() or 1))
@@ -819,14 +844,14 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
     with atomic_path(out / 'Data_Entry_2017.csv') as tmp: _nih_frame(rows, T, size).to_csv(tmp, index=False)
     from cxr_pggan.data import default_metadata_path
     src = None if isinstance(metadata, pd.DataFrame) else Path(metadata) if metadata is not None else default_metadata_path()
-    man = dict(version=PHANTOM_VERSION, n=int(n), size=int(size), seed=int(seed), images=len(T), patients=int(rows['Patient ID'].nunique()),
+    man = dict(version=PHANTOM_VERSION, n=int(n), size=int(size), seed=int(seed), enrich=float(enrich), images=len(T), patients=int(rows['Patient ID'].nunique()),
                metadata=str(src) if src else '<DataFrame>', metadata_sha256=file_sha256(src) if src else None,
                data_entry_sha256=file_sha256(out / 'Data_Entry_2017.csv'), seconds=round(dt, 2), images_per_s=round(len(T) / max(dt, 1e-9), 1),
                workers=int(workers), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     atomic_write(out / MANIFEST, json.dumps(man, indent=1))
     return out
 
-def phantom_complete(folder, n=None, size=None, seed=None) -> bool:
+def phantom_complete(folder, n=None, size=None, seed=None, enrich=None) -> bool:
     "True when `folder` holds a finished phantom render (manifest present, matching parameters, every listed PNG there)."
     folder = Path(folder); mf = folder / MANIFEST
     if not mf.is_file() or not (folder / 'Data_Entry_2017.csv').is_file(): return False
@@ -834,17 +859,21 @@ def phantom_complete(folder, n=None, size=None, seed=None) -> bool:
     except (OSError, json.JSONDecodeError): return False
     want = dict(version=PHANTOM_VERSION, n=n, size=size, seed=seed)
     if any(v is not None and man.get(k) != v for k, v in want.items()): return False
+    if enrich is not None and float(man.get('enrich', 0.0)) != float(enrich): return False
     if man.get('data_entry_sha256') != file_sha256(folder / 'Data_Entry_2017.csv'): return False
     names = pd.read_csv(folder / 'Data_Entry_2017.csv', usecols=['Image Index'])['Image Index']
     have = set(os.listdir(folder / 'images')) if (folder / 'images').is_dir() else set()
     return len(names) == man.get('images') and set(names) <= have
 
-def ensure_phantom(n: int, size: int = 256, seed: int = 0, root=None, workers: int | None = None, quiet: bool = False) -> Path:
-    """The phantom folder for (n, size, seed) from the real NIH metadata, rendered on first use and cached under
-    `root` (default `data_dir()`) as `phantom_n{n}_s{size}_seed{seed}`; re-rendered only when missing or incomplete."""
-    folder = (Path(root) if root is not None else data_dir()) / f'phantom_n{n}_s{size}_seed{seed}'
-    if phantom_complete(folder, n, size, seed): return folder
-    return render_phantom(folder, n, size, seed, workers=workers, quiet=quiet)
+def ensure_phantom(n: int, size: int = 256, seed: int = 0, root=None, workers: int | None = None, quiet: bool = False,
+                   enrich: float = 0.0) -> Path:
+    """The phantom folder for (n, size, seed, enrich) from the real NIH metadata, rendered on first use and cached under
+    `root` (default `data_dir()`) as `phantom_n{n}_s{size}_seed{seed}` (+ `_enrich{γ}` when enriched);
+    re-rendered only when missing or incomplete."""
+    name = f'phantom_n{n}_s{size}_seed{seed}' + (f'_enrich{float(enrich):g}' if enrich else '')
+    folder = (Path(root) if root is not None else data_dir()) / name
+    if phantom_complete(folder, n, size, seed, enrich): return folder
+    return render_phantom(folder, n, size, seed, workers=workers, quiet=quiet, enrich=enrich)
 
 # %% ../nbs/02_phantom.ipynb #77bd98dc
 def phantom_grid(folder, path, n: int = 16, cols: int | None = None, provenance: bool = True) -> Path:
@@ -887,6 +916,8 @@ def phantom_cli(argv: list[str]) -> int:
     ap.add_argument('--size', type=int, default=256, help='image side in pixels, 64..2048 (default 256)')
     ap.add_argument('--seed', type=int, default=0, help='sampling and rendering seed (default 0)')
     ap.add_argument('--metadata', help='NIH metadata CSV (default: the v2020 table shipped with torchxrayvision)')
+    ap.add_argument('--enrich', type=float, default=0.0, help='over-sample patients with rare findings: 0 = the NIH mix (default), '
+                    '1 = each patient weighted by 1/prevalence of its rarest label (at most 4 images per patient)')
     ap.add_argument('--workers', type=int, default=None, help='processes (default: up to 2); output bytes do not depend on it')
     ap.add_argument('--grid', help='also write a labelled grid of 16 images (one per patient) to this PNG')
     ap.add_argument('--json', help='write timing and counts to this JSON file')
@@ -897,7 +928,7 @@ def phantom_cli(argv: list[str]) -> int:
     if a.workers is not None and a.workers < 1: ap.error(f'--workers must be >= 1, got {a.workers}')
     if a.metadata and not Path(a.metadata).is_file(): ap.error(f'--metadata {a.metadata}: no such file')
     t0 = time.time()
-    try: out = render_phantom(a.out, a.n, a.size, a.seed, metadata=a.metadata, workers=a.workers)
+    try: out = render_phantom(a.out, a.n, a.size, a.seed, metadata=a.metadata, workers=a.workers, enrich=a.enrich)
     except ValueError as e: ap.error(str(e))
     man = json.loads((out / MANIFEST).read_text())
     print(f"[phantom] {man['images']} images of {a.size}px ({man['patients']} patients) in {out} - "

@@ -80,6 +80,25 @@ def test_patient_wise_sampling(meta):
     with pytest.raises(ValueError, match='positive'): sample_patients(meta, 0)
 
 
+def test_enriched_sampling(meta):
+    "enrich over-samples patients with rare findings, caps follow-ups, stays deterministic and keeps rows real."
+    from cxr_pggan.data import LABELS, parse_labels
+    from cxr_pggan.phantom import ENRICH_MAX_FOLLOW_UPS
+    e = sample_patients(meta, 1500, seed=2, enrich=1.0)
+    assert len(e) == 1500 and e.equals(sample_patients(meta, 1500, seed=2, enrich=1.0))
+    assert not e.equals(sample_patients(meta, 1500, seed=3, enrich=1.0))
+    assert e.groupby('Patient ID').size().max() <= ENRICH_MAX_FOLLOW_UPS
+    real = meta.set_index('Image Index').loc[e['Image Index']]
+    assert (real['Finding Labels'].to_numpy() == e['Finding Labels'].to_numpy()).all()   # rows are real rows
+    nih, enr = parse_labels(meta['Finding Labels']).mean(0), parse_labels(e['Finding Labels']).mean(0)
+    assert enr[0] < 0.6 * nih[0]                                             # far fewer 'No Finding'
+    assert (enr[1:] > 0.04).all(), dict(zip(LABELS, enr.round(3)))            # every finding has positives to learn from
+    for l in ('Hernia', 'Pneumonia', 'Cardiomegaly', 'Edema', 'Fibrosis'):
+        assert enr[LABELS.index(l)] > 2 * nih[LABELS.index(l)], l
+    for bad in (-1, 'x', 10):
+        with pytest.raises(ValueError, match='enrich'): sample_patients(meta, 10, enrich=bad)
+
+
 def test_follow_ups_share_anatomy_and_vary_pose(meta):
     pid = int(meta.groupby('Patient ID').size().idxmax())
     rows = meta[meta['Patient ID'] == pid].sort_values('Follow-up #').head(4)[_META_COLS].to_dict('records')
@@ -190,6 +209,16 @@ def test_ensure_phantom_caches_and_repairs(tmp_path):
     (f / MANIFEST).unlink()                                     # an interrupted render has no manifest
     assert not phantom_complete(f) and phantom_complete(ensure_phantom(12, 64, 3, root=tmp_path, quiet=True))
     assert not (f / 'images' / 'stale.png').exists() and len(list((f / 'images').iterdir())) == 12
+
+
+def test_ensure_phantom_enriched_is_its_own_cache(tmp_path):
+    f = ensure_phantom(12, 64, 3, root=tmp_path, quiet=True, enrich=1.0)
+    assert f == tmp_path / 'phantom_n12_s64_seed3_enrich1' and json.loads((f / MANIFEST).read_text())['enrich'] == 1.0
+    assert phantom_complete(f, 12, 64, 3, enrich=1.0) and not phantom_complete(f, 12, 64, 3, enrich=0)
+    g = ensure_phantom(12, 64, 3, root=tmp_path, quiet=True)
+    assert g != f and phantom_complete(g, 12, 64, 3, enrich=0)
+    assert phantom_cli(['--out', str(tmp_path / 'c'), '--n', '8', '--size', '64', '--enrich', '0.5', '--workers', '1']) == 0
+    assert json.loads((tmp_path / 'c' / MANIFEST).read_text())['enrich'] == 0.5
 
 
 def test_cli_writes_the_layout(tmp_path, capsys):
