@@ -13,8 +13,8 @@ from .data import LABELS, FINDINGS
 from .latent import as_image_generator, optimise_class, class_index
 
 # %% auto #0
-__all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'final_labels', 'make_patient',
-           'archive_rows', 'prevalence_table', 'build_archive', 'finalise_archive', 'archive_cli']
+__all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'final_labels',
+           'make_patient', 'archive_rows', 'prevalence_table', 'build_archive', 'finalise_archive', 'archive_cli']
 
 # %% ../nbs/11_archive.ipynb #03f6e83c
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -39,6 +39,13 @@ def choose_class(prev: pd.Series, counts: pd.Series, n_done: int, k: int, allowe
     "The allowed class with the largest deficit p_ref(c)·(n_done + k) − count(c) (ties: label order)."
     d = prev[allowed] * (n_done + k) - counts[allowed]
     return str(d.idxmax())
+
+def label_gap(prev: pd.Series, counts: pd.Series, n_done: int, labels: list[str]) -> float:
+    "Sum over labels of |archive − reference| prevalence after adding images with these 'Finding Labels' strings."
+    c = counts.copy()
+    for l in labels:
+        for part in l.split('|'): c[part] += 1
+    return float((c[prev.index] / (n_done + len(labels)) - prev).abs().sum())
 
 def final_labels(logits: torch.Tensor, thresholds: torch.Tensor, labels=LABELS) -> list[str]:
     "'Finding Labels' strings: findings with logit >= threshold joined by '|', or 'No Finding'."
@@ -65,29 +72,41 @@ def _classify_files(clf, paths, device) -> torch.Tensor:
     x = torch.stack([torch.from_numpy(read_image(p))[None] for p in paths]).to(device)
     return clf(x).float().cpu()
 
+@torch.no_grad()
+def _label_arrays(clf, arrs: np.ndarray, device) -> tuple[torch.Tensor, list[str]]:
+    "Logits and final labels of 8-bit images exactly as `read_image` will see them once written."
+    x = torch.from_numpy(arrs.astype(np.float32) / 255.0)[:, None].to(device)
+    lg = clf(x).float().cpu()
+    return lg, final_labels(lg, clf.thresholds.cpu(), clf.labels)
+
 def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps: int, lr: float, candidates: int,
-                 max_attempts: int, sigma: float, jitter: bool, device) -> dict | None:
-    "Optimise a z* for `cls`, write k PNGs of patient `pid` (z*, then local samples), label them from disk; `None` when it never converges."
-    c = class_index(cls, clf.labels)
+                 max_attempts: int, sigma: float, jitter: bool, device, gap=None) -> dict | None:
+    """Optimise z*'s for `cls`; each converged z* whose own labels carry `cls` becomes a candidate patient (z*, then k−1
+    local samples z* + σ·N(0, I)), labelled in memory exactly as its PNGs will read. The candidate with the smallest
+    `gap(labels)` (default: the first) is written and labelled again from disk. `None` when no candidate appears."""
+    c = class_index(cls, clf.labels); G = G.to(device)
     for attempt in range(max_attempts):
         s = _patient_rng_seed(seed, pid, attempt)
         r = optimise_class(G, clf, c, n=candidates, steps=steps, lr=lr, batch_size=candidates, jitter=jitter, seed=s,
                            device=device, desc=f'patient {pid} {cls}')
-        ok = [int(j) for j in r.converged.nonzero().flatten()]
-        if ok:   # accept a converged z* only if its full label set carries the target ('No Finding': no finding at all)
-            with torch.no_grad(): labs = final_labels(clf(G.to(device)(r.z[ok].to(device))).float().cpu(), clf.thresholds.cpu(), clf.labels)
-            ok = [j for j, l in zip(ok, labs) if clf.labels[c] in l.split('|')]
-        if ok: break
+        cands = []
+        for j in (int(j) for j in r.converged.nonzero().flatten()):
+            zs = r.z[j:j + 1]
+            g = torch.Generator().manual_seed(s + 17 + 7919 * j)
+            z = torch.cat([zs, zs + sigma * torch.randn(k - 1, zs.shape[1], generator=g)]) if k > 1 else zs
+            with torch.no_grad(): arrs = np.stack([_to_png(im) for im in G(z.to(device)).cpu()])
+            _, labs = _label_arrays(clf, arrs, device)
+            # accept a z* only if its own full label set carries the target ('No Finding': no finding at all)
+            if clf.labels[c] in labs[0].split('|'): cands.append(dict(j=j, arrs=arrs, labels=labs))
+        if cands: break
     else: return None
-    i = ok[0]; zs = r.z[i:i + 1]
-    g = torch.Generator().manual_seed(s + 17)
-    z = torch.cat([zs, zs + sigma * torch.randn(k - 1, zs.shape[1], generator=g)]) if k > 1 else zs
-    with torch.no_grad(): imgs = G.to(device)(z.to(device)).cpu()
+    best = min(cands, key=lambda d: gap(d['labels'])) if gap is not None else cands[0]
+    i = best['j']
     names = [f'{pid:08d}_{fu:03d}.png' for fu in range(k)]
-    for im, nm in zip(imgs, names): _write_png(_to_png(im), out / 'images' / nm)
+    for arr, nm in zip(best['arrs'], names): _write_png(arr, out / 'images' / nm)
     logits = _classify_files(clf, [out / 'images' / nm for nm in names], device)
     labs = final_labels(logits, clf.thresholds.cpu(), clf.labels)
-    return dict(pid=pid, target=clf.labels[c], attempts=attempt + 1, steps=int(r.steps[i]), z_star=zs[0].tolist(),
+    return dict(pid=pid, target=clf.labels[c], attempts=attempt + 1, candidates=len(cands), steps=int(r.steps[i]), z_star=r.z[i].tolist(),
                 images=[dict(name=nm, follow_up=fu, labels=l, logits=[round(float(v), 5) for v in lg])
                         for fu, (nm, l, lg) in enumerate(zip(names, labs, logits))])
 
@@ -190,7 +209,8 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
             allowed = [l for l in LABELS if l not in dropped]
             if not allowed: raise RuntimeError("no class converges with this generator and classifier; raise --steps or --lr")
             cls = choose_class(prev, counts, n_done, ks[pid], allowed)
-            rec = make_patient(G, clf, out, pid, ks[pid], cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device)
+            rec = make_patient(G, clf, out, pid, ks[pid], cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device,
+                               gap=lambda labs: label_gap(prev, counts, n_done, labs))
             if rec is not None: break
             warnings.warn(f"class {cls!r}: no latent converged with that label in {max_attempts} attempts of {candidates}; "
                           "dropping it from this archive (see dropped_classes)")
@@ -285,7 +305,7 @@ def _random_networks(folder: Path, resolution: int = 32, seed: int = 0) -> tuple
 register_profile('archive',
     smoke=dict(generator=None, classifier=None, n=12, steps=10, lr=0.05, candidates=4, max_attempts=3, tolerance=0.05,
                sigma=0.2, jitter=False, reference=None, resume=False, seed=0),
-    demo=dict(generator='pggan_demo/final.pt', classifier='classifier_densenet121_demo.pt', n=60, steps=40, lr=0.05, candidates=4,
-              max_attempts=3, tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=True, seed=0),
+    demo=dict(generator='pggan_demo/final.pt', classifier='classifier_densenet121_demo.pt', n=60, steps=100, lr=0.05, candidates=4,
+              max_attempts=3, tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, seed=0),
     paper=dict(generator='pggan_paper/final.pt', classifier='classifier_densenet121_paper.pt', n=10000, steps=200, lr=0.05,
                candidates=8, max_attempts=5, tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, seed=0))

@@ -70,6 +70,31 @@ def test_deficit_choice_tracks_reference():
     assert abs(picks.count('No Finding') - 50) <= 1 and abs(picks.count('Cardiomegaly') - 30) <= 1 and abs(picks.count('Hernia') - 20) <= 1
 
 
+def test_candidate_with_smallest_gap_is_written(tmp_path, nets):
+    "make_patient writes the candidate its `gap` scores lowest, and its in-memory labels are the labels read from disk."
+    from cxr_pggan.latent import as_image_generator
+    gp, cp = nets
+    G, clf = as_image_generator(gp), load_classifier(cp).eval()
+    (tmp_path / 'images').mkdir()
+    seen, scores = [], [3.0, 1.0, 2.0, 5.0, 4.0, 6.0, 7.0, 8.0]
+    def gap(labs): seen.append(list(labs)); return scores[len(seen) - 1]
+    rec = A.make_patient(G, clf, tmp_path, 0, 4, 'Cardiomegaly', 0, steps=20, lr=0.05, candidates=8, max_attempts=3,
+                         sigma=0.2, jitter=False, device='cpu', gap=gap)
+    assert rec is not None and rec['candidates'] == len(seen) >= 2, rec and rec['candidates']
+    best = int(np.argmin(scores[:len(seen)]))
+    assert [im['labels'] for im in rec['images']] == seen[best]
+    assert 'Cardiomegaly' in rec['images'][0]['labels'].split('|')
+    assert sorted(p.name for p in (tmp_path / 'images').iterdir()) == [f'00000000_{i:03d}.png' for i in range(4)]
+
+
+def test_label_gap():
+    prev = pd.Series(0.0, index=LABELS); prev[['No Finding', 'Cardiomegaly']] = [0.5, 0.5]
+    c = pd.Series(0.0, index=LABELS)
+    assert A.label_gap(prev, c, 0, ['No Finding', 'Cardiomegaly']) == 0.0
+    assert A.label_gap(prev, c, 0, ['Cardiomegaly|Effusion', 'No Finding']) == pytest.approx(0.5)
+    assert A.label_gap(prev, c, 0, ['Cardiomegaly', 'Cardiomegaly']) == pytest.approx(1.0)
+
+
 def _run(args, env=None):
     code = 'import sys; from cxr_pggan.archive import archive_cli; sys.exit(archive_cli(sys.argv[1:]))'
     return subprocess.Popen([sys.executable, '-c', code, *map(str, args)], env={**os.environ, 'TQDM_DISABLE': '1', **(env or {})},
