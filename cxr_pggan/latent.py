@@ -262,8 +262,10 @@ def _measure_z(G, z, measure, device, batch_size=16):
 
 def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, steps: int = 100, lr: float = 0.05,
                        batch_size: int = 16, jitter: bool = False, seed: int = 0, device=None) -> dict:
-    "Measure random samples and class-optimised (converged) samples of G; both distributions, Mann–Whitney p (optimised > random), failure rate."
-    from scipy.stats import mannwhitneyu
+    """Measure random samples and class-optimised (converged) samples of G: both distributions, the one-sided
+    Mann–Whitney p (optimised > random), the paired one-sided Wilcoxon p (each converged sample after vs before its
+    own optimisation, on pairs measurable both times), and the failure rate."""
+    from scipy.stats import mannwhitneyu, wilcoxon
     G = as_image_generator(G); measure = measure or phantom_ctr
     device = torch.device(device or next(clf.parameters()).device)
     G = _frozen(G.to(device))
@@ -273,6 +275,9 @@ def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, st
     m_start = _measure_z(G, r.z0[r.converged], measure, device)        # the same samples before optimisation
     a, b = m_rand[np.isfinite(m_rand)], m_opt[np.isfinite(m_opt)]
     p = float(mannwhitneyu(b, a, alternative='greater').pvalue) if len(a) and len(b) else float('nan')
+    both = np.isfinite(m_opt) & np.isfinite(m_start)
+    diff = m_opt[both] - m_start[both]
+    p_pair = float(wilcoxon(diff, alternative='greater').pvalue) if (diff != 0).sum() >= 2 else float('nan')
     d = lambda v: dict(n=int(np.isfinite(v).sum()), mean=float(np.nanmean(v)) if np.isfinite(v).any() else float('nan'),
                        median=float(np.nanmedian(v)) if np.isfinite(v).any() else float('nan'),
                        q25=float(np.nanquantile(v, 0.25)) if np.isfinite(v).any() else float('nan'),
@@ -280,6 +285,8 @@ def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, st
                        unmeasurable=int((~np.isfinite(v)).sum()))
     return dict(label=r.label, n=n, converged=int(r.converged.sum()), failure_rate=r.summary()['failure_rate'],
                 random=d(m_rand), optimised=d(m_opt), optimised_before=d(m_start), p_mannwhitney_greater=p,
+                paired=dict(n=int(both.sum()), median_change=float(np.median(diff)) if len(diff) else float('nan'),
+                            p_wilcoxon_greater=p_pair),
                 values=dict(random=m_rand, optimised=m_opt, optimised_before=m_start), result=r)
 
 def verification_figure(v: dict, path: str | Path, what: str = 'cardiothoracic ratio'):
@@ -347,8 +354,8 @@ def bench_latent_cli(argv: list[str]) -> int:
 register_profile('latent',
     smoke=dict(generator=None, classifier=None, classes=None, n_per_class=2, steps=10, lr=0.05, batch_size=16, jitter=False,
                truncation=0.7, sigma=0.2, n_patients=3, verify_n=8, seed=0),
-    demo=dict(generator='pggan_demo/final.pt', classifier='classifier_densenet121_demo.pt', classes=None, n_per_class=4, steps=40,
-              lr=0.05, batch_size=16, jitter=False, truncation=0.7, sigma=0.2, n_patients=4, verify_n=48, seed=0),
+    demo=dict(generator='pggan_demo/final.pt', classifier='classifier_densenet121_demo.pt', classes=None, n_per_class=4, steps=100,
+              lr=0.05, batch_size=16, jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=48, seed=0),
     paper=dict(generator='pggan_paper/final.pt', classifier='classifier_densenet121_paper.pt', classes=None, n_per_class=64,
                steps=200, lr=0.05, batch_size=32, jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=0, seed=0))
 
