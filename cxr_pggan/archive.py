@@ -10,11 +10,12 @@ import numpy as np, pandas as pd, torch
 from .core import (atomic_path, atomic_write, file_sha256, outputs_dir, progress, register_profile, profile_params,
                             write_provenance, seed_everything)
 from .data import LABELS, FINDINGS
-from .latent import as_image_generator, optimise_class, class_index
+from .latent import as_image_generator, optimise_class, class_index, label_set
 
 # %% auto #0
-__all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'final_labels',
-           'make_patient', 'archive_rows', 'prevalence_table', 'build_archive', 'finalise_archive', 'archive_cli']
+__all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'canonical',
+           'reference_combos', 'choose_target', 'final_labels', 'make_patient', 'archive_rows', 'prevalence_table',
+           'build_archive', 'finalise_archive', 'archive_cli']
 
 # %% ../nbs/11_archive.ipynb #03f6e83c
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -46,6 +47,22 @@ def label_gap(prev: pd.Series, counts: pd.Series, n_done: int, labels: list[str]
     for l in labels:
         for part in l.split('|'): c[part] += 1
     return float((c[prev.index] / (n_done + len(labels)) - prev).abs().sum())
+
+def canonical(labels: str) -> str:
+    "A 'Finding Labels' string with its labels in `LABELS` order ('Mass|Effusion' -> 'Effusion|Mass')."
+    parts = set(str(labels).split('|'))
+    return '|'.join(l for l in LABELS if l in parts)
+
+def reference_combos(metadata: str | Path | pd.DataFrame | None = None, top: int = 40, max_labels: int = 3) -> pd.Series:
+    "The `top` most frequent label sets (canonical 'Finding Labels' strings of at most `max_labels` labels) of a reference table, with their image shares."
+    from cxr_pggan.data import load_metadata
+    df = metadata if isinstance(metadata, pd.DataFrame) else load_metadata(metadata)
+    v = df['Finding Labels'].map(canonical).value_counts(normalize=True)
+    return v[v.index.str.count(r'\|') < max_labels].head(top)
+
+def choose_target(prev: pd.Series, counts: pd.Series, n_done: int, k: int, combos: list[str]) -> str:
+    "The label set (from `combos`, most frequent first on ties) whose k images would bring the archive closest to the reference."
+    return min(combos, key=lambda cmb: label_gap(prev, counts, n_done, [cmb] * k))
 
 def final_labels(logits: torch.Tensor, thresholds: torch.Tensor, labels=LABELS) -> list[str]:
     "'Finding Labels' strings: findings with logit >= threshold joined by '|', or 'No Finding'."
@@ -80,24 +97,33 @@ def _label_arrays(clf, arrs: np.ndarray, device) -> tuple[torch.Tensor, list[str
     return lg, final_labels(lg, clf.thresholds.cpu(), clf.labels)
 
 def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps: int, lr: float, candidates: int,
-                 max_attempts: int, sigma: float, jitter: bool, device, gap=None) -> dict | None:
-    """Optimise z*'s for `cls`; each converged z* whose own labels carry `cls` becomes a candidate patient (z*, then k−1
-    local samples z* + σ·N(0, I)), labelled in memory exactly as its PNGs will read. The candidate with the smallest
-    `gap(labels)` (default: the first) is written and labelled again from disk. `None` when no candidate appears."""
-    c = class_index(cls, clf.labels); G = G.to(device)
+                 max_attempts: int, sigma: float, jitter: bool, device, gap=None, exclusive: bool = False,
+                 local_pool: int = 3) -> dict | None:
+    """Optimise z*'s for `cls` (a class or, with `exclusive`, a label set); each converged z* whose own labels are (carry)
+    `cls` becomes a candidate patient: z*, then k−1 local samples z* + σ·N(0, I), labelled in memory exactly as its PNGs
+    will read. With a `gap` (labels -> distance to the reference), k−1 of `local_pool`·(k−1) local draws are kept greedily
+    and the candidate with the smallest gap is written; without, the first draws and the first candidate. The PNGs are
+    labelled again from disk. `None` when no candidate appears in `max_attempts` attempts."""
+    cs = label_set(cls, clf.labels); target = '|'.join(clf.labels[j] for j in cs); G = G.to(device)
     for attempt in range(max_attempts):
         s = _patient_rng_seed(seed, pid, attempt)
-        r = optimise_class(G, clf, c, n=candidates, steps=steps, lr=lr, batch_size=candidates, jitter=jitter, seed=s,
+        r = optimise_class(G, clf, target, exclusive=exclusive, n=candidates, steps=steps, lr=lr, batch_size=candidates, jitter=jitter, seed=s,
                            device=device, desc=f'patient {pid} {cls}')
         cands = []
         for j in (int(j) for j in r.converged.nonzero().flatten()):
             zs = r.z[j:j + 1]
             g = torch.Generator().manual_seed(s + 17 + 7919 * j)
-            z = torch.cat([zs, zs + sigma * torch.randn(k - 1, zs.shape[1], generator=g)]) if k > 1 else zs
+            m = (k - 1) * (local_pool if gap is not None else 1)          # local samples drawn; k - 1 of them are kept
+            z = torch.cat([zs, zs + sigma * torch.randn(m, zs.shape[1], generator=g)])
             with torch.no_grad(): arrs = np.stack([_to_png(im) for im in G(z.to(device)).cpu()])
             _, labs = _label_arrays(clf, arrs, device)
-            # accept a z* only if its own full label set carries the target ('No Finding': no finding at all)
-            if clf.labels[c] in labs[0].split('|'): cands.append(dict(j=j, arrs=arrs, labels=labs))
+            # accept a z* only if its own label set is the target (exclusive) or carries it ('No Finding': no finding at all)
+            if not ((labs[0] == target) if exclusive else (target in labs[0].split('|'))): continue
+            keep = [0]
+            for _ in range(k - 1):   # local samples in draw order, or greedily those that keep the archive closest to the reference
+                rest = [i for i in range(1, m + 1) if i not in keep]
+                keep.append(rest[0] if gap is None else min(rest, key=lambda i: gap([labs[q] for q in keep + [i]])))
+            cands.append(dict(j=j, arrs=arrs[keep], labels=[labs[q] for q in keep]))
         if cands: break
     else: return None
     best = min(cands, key=lambda d: gap(d['labels'])) if gap is not None else cands[0]
@@ -106,7 +132,7 @@ def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps
     for arr, nm in zip(best['arrs'], names): _write_png(arr, out / 'images' / nm)
     logits = _classify_files(clf, [out / 'images' / nm for nm in names], device)
     labs = final_labels(logits, clf.thresholds.cpu(), clf.labels)
-    return dict(pid=pid, target=clf.labels[c], attempts=attempt + 1, candidates=len(cands), steps=int(r.steps[i]), z_star=r.z[i].tolist(),
+    return dict(pid=pid, target=target, attempts=attempt + 1, candidates=len(cands), steps=int(r.steps[i]), z_star=r.z[i].tolist(),
                 images=[dict(name=nm, follow_up=fu, labels=l, logits=[round(float(v), 5) for v in lg])
                         for fu, (nm, l, lg) in enumerate(zip(names, labs, logits))])
 
@@ -154,7 +180,7 @@ def prevalence_table(df: pd.DataFrame, prev: pd.Series, tolerance: float) -> pd.
 def build_archive(generator, classifier, n: int, out: str | Path, reference: str | Path | pd.Series | None = None,
                   tolerance: float = 0.05, images_per_patient=(3, 6), sigma: float = 0.2, steps: int = 100, lr: float = 0.05,
                   candidates: int = 4, max_attempts: int = 5, jitter: bool = False, seed: int = 0, device=None,
-                  trust_pickle: bool = False) -> dict:
+                  trust_pickle: bool = False, exclusive: bool = True) -> dict:
     "Write (or resume) an archive of exactly `n` labelled synthetic images in `out`; see above. Returns a summary."
     from cxr_pggan.classifier import load_classifier, CXRClassifier
     out = Path(out); (out / 'images').mkdir(parents=True, exist_ok=True); rec_dir = out / 'records'; rec_dir.mkdir(exist_ok=True)
@@ -177,17 +203,25 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
         prev = pd.Series(plan['reference_prevalence'])
     else:
         prev = reference if isinstance(reference, pd.Series) else reference_prevalence(reference)
+        # label sets to aim for: the reference's most frequent combinations (single labels when only prevalences are given)
+        combos = list(LABELS) if isinstance(reference, pd.Series) else list(reference_combos(reference).index)
         plan = dict(format=ARCHIVE_FORMAT, n=n, seed=seed, patients=plan_patients(n, images_per_patient, seed),
                     reference=str(reference) if reference is not None and not isinstance(reference, pd.Series) else 'NIH v2020 (torchxrayvision)',
                     reference_prevalence=prev[LABELS].to_dict(), tolerance=tolerance, sigma=sigma, steps=steps, lr=lr,
-                    candidates=candidates, max_attempts=max_attempts, jitter=jitter, images_per_patient=[int(v) for v in np.atleast_1d(images_per_patient)],
+                    candidates=candidates, max_attempts=max_attempts, jitter=jitter, exclusive=exclusive, reference_combos=combos,
+                    images_per_patient=[int(v) for v in np.atleast_1d(images_per_patient)],
                     resolution=None, labels=LABELS, thresholds=clf.thresholds.cpu().tolist(), generator=G.weights,
                     generator_sha256=gsha, classifier=str(classifier) if csha else None, classifier_sha256=csha)
         with torch.no_grad(): plan['resolution'] = int(G.to(device)(torch.zeros(1, G.latent_dim, device=device)).shape[-1])
+        if plan['resolution'] < clf.input_size:
+            warnings.warn(f"the generator makes {plan['resolution']}² images but the classifier reads {clf.input_size}²: generated images "
+                          "are upscaled and a classifier trained on sharper images tends to read the blur as findings; train it at "
+                          f"input_size <= {plan['resolution']}", stacklevel=2)
         if rank == 0: atomic_write(plan_path, json.dumps(plan, indent=1))
         if world > 1: torch.distributed.barrier()
         plan = json.loads(plan_path.read_text())
-    ks = plan['patients']
+    ks = plan['patients']; exclusive = plan.get('exclusive', False)
+    combos = plan.get('reference_combos') or list(LABELS)
     _cleanup_tmp(out / 'images'); _cleanup_tmp(rec_dir)
     dropped: set[str] = set()
     t0, written = time.time(), 0
@@ -206,11 +240,11 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
             records = _load_records(rec_dir); counts[:] = 0.0; n_done = 0
             for r in records.values(): add(r)
         while True:
-            allowed = [l for l in LABELS if l not in dropped]
+            allowed = [l for l in (combos if exclusive else LABELS) if l not in dropped]
             if not allowed: raise RuntimeError("no class converges with this generator and classifier; raise --steps or --lr")
-            cls = choose_class(prev, counts, n_done, ks[pid], allowed)
+            cls = choose_target(prev, counts, n_done, ks[pid], allowed) if exclusive else choose_class(prev, counts, n_done, ks[pid], allowed)
             rec = make_patient(G, clf, out, pid, ks[pid], cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device,
-                               gap=lambda labs: label_gap(prev, counts, n_done, labs))
+                               gap=lambda labs: label_gap(prev, counts, n_done, labs), exclusive=exclusive)
             if rec is not None: break
             warnings.warn(f"class {cls!r}: no latent converged with that label in {max_attempts} attempts of {candidates}; "
                           "dropping it from this archive (see dropped_classes)")
@@ -271,10 +305,13 @@ def archive_cli(argv: list[str]) -> int:
     ap.add_argument('--max-attempts', type=int, default=5); ap.add_argument('--jitter', action='store_true')
     ap.add_argument('--seed', type=int, default=0); ap.add_argument('--device')
     ap.add_argument('--trust-pickle', action='store_true', help='allow full unpickling of a trusted GAN checkpoint')
+    ap.add_argument('--single-class', action='store_true', help="the paper's Algorithm 1 as is: optimise one class per patient and keep "
+                    "whatever else the classifier says (default: optimise the full label set, see the notebook)")
     a = ap.parse_args(argv)
     try:
         s = build_archive(a.generator, a.classifier, a.n, a.out, a.reference, a.tolerance, tuple(a.images_per_patient), a.sigma,
-                          a.steps, a.lr, a.candidates, a.max_attempts, a.jitter, a.seed, a.device, a.trust_pickle)
+                          a.steps, a.lr, a.candidates, a.max_attempts, a.jitter, a.seed, a.device, a.trust_pickle,
+                          exclusive=not a.single_class)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f'cxr-pggan archive: error: {e}', file=sys.stderr); return 2
     if s.get('complete'):
@@ -286,7 +323,7 @@ def archive_cli(argv: list[str]) -> int:
 
 # %% ../nbs/11_archive.ipynb #92c1897a
 def _random_networks(folder: Path, resolution: int = 32, seed: int = 0) -> tuple[Path, Path]:
-    "A random PGGAN checkpoint and a random discriminator-classifier (thresholds = median logits of G's samples) for smoke runs and tests."
+    "A random PGGAN checkpoint and a random discriminator-classifier (thresholds = 80th percentile of the logits of G's samples) for smoke runs and tests."
     from cxr_pggan.pggan import make_config, Generator, Discriminator, save_pggan, sample_z
     from cxr_pggan.classifier import DiscriminatorClassifier, save_classifier
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -298,14 +335,14 @@ def _random_networks(folder: Path, resolution: int = 32, seed: int = 0) -> tuple
     clf = DiscriminatorClassifier(cfg.to_dict(), resolution).eval()
     with torch.no_grad():
         x = ((G(sample_z(64, 32, seed=seed + 1, truncation=0.7)) + 1) / 2).clamp(0, 1)
-        clf.thresholds.copy_(clf(x).median(0).values)
+        clf.thresholds.copy_(clf(x).quantile(0.8, dim=0))   # each label positive on ~20 % of samples, as in a real cohort
     return gp, save_classifier(clf, folder / 'random_classifier.pt')
 
 # %% ../nbs/11_archive.ipynb #1f2245a8
 register_profile('archive',
     smoke=dict(generator=None, classifier=None, n=12, steps=10, lr=0.05, candidates=4, max_attempts=3, tolerance=0.05,
-               sigma=0.2, jitter=False, reference=None, resume=False, seed=0),
+               sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, seed=0),
     demo=dict(generator='pggan_demo/final.pt', classifier='classifier_densenet121_demo.pt', n=60, steps=100, lr=0.05, candidates=4,
-              max_attempts=3, tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, seed=0),
+              max_attempts=3, tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, seed=0),
     paper=dict(generator='pggan_paper/final.pt', classifier='classifier_densenet121_paper.pt', n=10000, steps=200, lr=0.05,
-               candidates=8, max_attempts=5, tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, seed=0))
+               candidates=8, max_attempts=5, tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, seed=0))

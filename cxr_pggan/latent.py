@@ -14,7 +14,7 @@ from .data import LABELS
 from .pggan import sample_z
 
 # %% auto #0
-__all__ = ['ImageGenerator', 'as_image_generator', 'class_index', 'class_targets', 'LatentResult', 'optimise_class',
+__all__ = ['ImageGenerator', 'as_image_generator', 'class_index', 'class_targets', 'LatentResult', 'label_set', 'optimise_class',
            'optimise_classes', 'convergence_table', 'Patients', 'local_patients', 'figure7', 'figure8', 'phantom_ctr',
            'class_verification', 'verification_figure', 'bench_latent', 'bench_latent_cli', 'experiment_networks']
 
@@ -97,13 +97,25 @@ def _frozen(m: nn.Module):
     for p in m.parameters(): p.requires_grad_(False)
     return m.eval()
 
+def label_set(cls, labels=LABELS) -> list[int]:
+    "Class indices of `cls`: one class (name or index), a list of them, or a 'Finding Labels' string such as 'Effusion|Mass'."
+    if isinstance(cls, str) and '|' in cls: cls = cls.split('|')
+    out = sorted({class_index(c, labels) for c in (cls if isinstance(cls, (list, tuple)) else [cls])})
+    if len(out) > 1 and 0 in out: raise ValueError(f"'No Finding' cannot be combined with findings: {cls!r}")
+    return out
+
 def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = None, steps: int = 100, lr: float = 0.05,
                    batch_size: int = 32, jitter: bool = False, truncation: float = 0.7, normalise: bool = True,
                    targets: torch.Tensor | None = None, seed: int = 0, device=None, amp: bool = False,
-                   desc: str | None = None) -> LatentResult:
-    "Algorithm 1 for class `cls` on `n` latents (or the given `z`): gradient ascent on the class logit until each sample reaches its target."
+                   exclusive: bool = False, exclusive_margin: float = 0.5, desc: str | None = None) -> LatentResult:
+    """Algorithm 1 for class `cls` on `n` latents (or the given `z`): gradient ascent on the class logit until each
+    sample reaches its target. `exclusive=True` (our extension, for labelled cohorts): `cls` may be a label set
+    ('Effusion|Mass'); the ascent adds −Σ softplus(logit_j − threshold_j + margin) over every other finding j, and a
+    sample converges only when each target logit reaches its target *and* every other finding is below its threshold
+    (for 'No Finding': no finding above threshold), so the classifier's full label set is exactly `cls`."""
     G = as_image_generator(G)
-    c = class_index(cls, clf.labels)
+    cs = label_set(cls, clf.labels); c = cs[0]
+    if len(cs) > 1 and not exclusive: raise ValueError("a label set needs exclusive=True")
     device = torch.device(device or next(clf.parameters()).device)
     G, clf = _frozen(G.to(device)), _frozen(clf.to(device))
     if z is None:
@@ -111,6 +123,9 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
         z = sample_z(n, G.latent_dim, seed=seed, truncation=truncation)
     z0 = z.detach().float().cpu().clone(); n = len(z0)
     tgt = (class_targets(clf.thresholds.cpu(), c, n, jitter, seed) if targets is None else torch.as_tensor(targets, dtype=torch.float32).cpu())
+    extra = [(j, class_targets(clf.thresholds.cpu(), j, n, jitter, seed + 31 * j)) for j in cs[1:]]   # further targets of a set
+    others = [j for j, l in enumerate(clf.labels) if l != 'No Finding' and j not in cs] if exclusive else []
+    thr = clf.thresholds.detach().float().to(device)
     zc, logit, logit0 = z0.clone(), torch.full((n,), float('nan')), torch.full((n,), float('nan'))
     nsteps, conv = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
     scale = lr * math.sqrt(G.latent_dim)
@@ -122,29 +137,40 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
         active = torch.ones(len(idx), dtype=torch.bool, device=device)
         stepb = torch.zeros(len(idx), dtype=torch.long, device=device)
         lb = torch.full((len(idx),), float('nan'), device=device)
+        okb = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        xb = [(j, t[idx].to(device)) for j, t in extra]
         for s in range(steps + 1):
             a = active.nonzero().flatten()
             if len(a) == 0: break
             za = zb[a].clone().requires_grad_(s < steps)
             with torch.set_grad_enabled(s < steps), ac:
-                la = clf(G(za))[:, c].float()
+                L = clf(G(za)).float()
+            la, obj = L[:, c], L[:, c]
+            done = la.detach() >= tb[a]
+            for j, tj in xb:
+                done &= L[:, j].detach() >= tj[a]
+                obj = obj + torch.where(L[:, j] < tj[a], L[:, j], L[:, j].detach())     # ascend targets not reached yet
+            if others:
+                lo = L[:, others] - thr[others]
+                done &= (lo.detach() < 0).all(1)
+                obj = obj - F.softplus(lo + exclusive_margin).sum(1)
             zsteps += len(a)
             lb[a] = la.detach()
             if s == 0: logit0[idx] = la.detach().cpu()
-            done = la.detach() >= tb[a]
+            okb[a[done]] = True
             active[a[done]] = False
             if s == steps: break
             go = ~done
             if not go.any(): break
-            g, = torch.autograd.grad(la[go].sum(), za)
+            g, = torch.autograd.grad(obj[go].sum(), za)
             g = g[go].float()
             if normalise: g = g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
             else: g = g * lr
             zb[a[go]] = zb[a[go]] + g
             stepb[a[go]] += 1
         zc[idx], logit[idx], nsteps[idx] = zb.cpu(), lb.cpu(), stepb.cpu()
-        conv[idx] = (lb >= tb).cpu()
-    return LatentResult(c, clf.labels[c], z0, zc, logit0, logit, tgt, nsteps, conv, time.perf_counter() - t0, zsteps)
+        conv[idx] = okb.cpu()
+    return LatentResult(c, '|'.join(clf.labels[j] for j in cs), z0, zc, logit0, logit, tgt, nsteps, conv, time.perf_counter() - t0, zsteps)
 
 # %% ../nbs/10_class_optimisation.ipynb #7e319eff
 def optimise_classes(G, clf, classes=None, n_per_class: int = 16, seed: int = 0, **kw) -> dict[str, LatentResult]:

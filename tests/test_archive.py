@@ -58,7 +58,7 @@ def test_build_exact_n_and_layout(tmp_path, nets, ref_csv):
     # each patient's z* (follow-up 0) carries its target label (accepted only then)
     for r in recs.values():
         labs = r['images'][0]['labels'].split('|')
-        assert r['target'] in labs or r['target'] == 'No Finding' and labs == ['No Finding'], r
+        assert labs == r['target'].split('|'), r             # exclusive (the default): exactly the target label set
     with pytest.raises(ValueError, match='other settings'): A.build_archive(gp, cp, 13, tmp_path / 'a', reference=ref_csv, seed=2)
 
 
@@ -70,21 +70,34 @@ def test_deficit_choice_tracks_reference():
     assert abs(picks.count('No Finding') - 50) <= 1 and abs(picks.count('Cardiomegaly') - 30) <= 1 and abs(picks.count('Hernia') - 20) <= 1
 
 
-def test_candidate_with_smallest_gap_is_written(tmp_path, nets):
-    "make_patient writes the candidate its `gap` scores lowest, and its in-memory labels are the labels read from disk."
+def test_gap_steers_local_samples_and_labels_match_disk(tmp_path, nets):
+    "With a gap preferring fewer findings, the written patient has no more findings than the first draws; labels are the disk's."
+    from cxr_pggan.latent import as_image_generator
+    gp, cp = nets
+    G, clf = as_image_generator(gp), load_classifier(cp).eval()
+    nfind = lambda labs: sum(0 if l == 'No Finding' else len(l.split('|')) for l in labs)
+    recs = {}
+    for name, gap in (('first', None), ('steered', lambda labs: float(nfind(labs)))):
+        (tmp_path / name / 'images').mkdir(parents=True)
+        recs[name] = A.make_patient(G, clf, tmp_path / name, 0, 5, 'Cardiomegaly', 0, steps=20, lr=0.05, candidates=6,
+                                    max_attempts=3, sigma=0.2, jitter=False, device='cpu', gap=gap)
+        assert recs[name] is not None and 'Cardiomegaly' in recs[name]['images'][0]['labels'].split('|')
+        names = sorted(p.name for p in (tmp_path / name / 'images').iterdir())
+        assert names == [f'00000000_{i:03d}.png' for i in range(5)]
+        x = torch.stack([torch.from_numpy(read_image(tmp_path / name / 'images' / nm))[None] for nm in names])
+        with torch.no_grad(): assert A.final_labels(clf(x), clf.thresholds) == [im['labels'] for im in recs[name]['images']]
+    assert nfind([im['labels'] for im in recs['steered']['images']]) <= nfind([im['labels'] for im in recs['first']['images']])
+
+
+def test_exclusive_patient_has_exactly_its_label_set(tmp_path, nets):
     from cxr_pggan.latent import as_image_generator
     gp, cp = nets
     G, clf = as_image_generator(gp), load_classifier(cp).eval()
     (tmp_path / 'images').mkdir()
-    seen, scores = [], [3.0, 1.0, 2.0, 5.0, 4.0, 6.0, 7.0, 8.0]
-    def gap(labs): seen.append(list(labs)); return scores[len(seen) - 1]
-    rec = A.make_patient(G, clf, tmp_path, 0, 4, 'Cardiomegaly', 0, steps=20, lr=0.05, candidates=8, max_attempts=3,
-                         sigma=0.2, jitter=False, device='cpu', gap=gap)
-    assert rec is not None and rec['candidates'] == len(seen) >= 2, rec and rec['candidates']
-    best = int(np.argmin(scores[:len(seen)]))
-    assert [im['labels'] for im in rec['images']] == seen[best]
-    assert 'Cardiomegaly' in rec['images'][0]['labels'].split('|')
-    assert sorted(p.name for p in (tmp_path / 'images').iterdir()) == [f'00000000_{i:03d}.png' for i in range(4)]
+    rec = A.make_patient(G, clf, tmp_path, 0, 3, 'No Finding', 0, steps=60, lr=0.05, candidates=8, max_attempts=3,
+                         sigma=0.2, jitter=False, device='cpu', exclusive=True)
+    if rec is None: pytest.skip('random networks: no latent without findings in 24 tries')
+    assert rec['target'] == 'No Finding' and rec['images'][0]['labels'] == 'No Finding'
 
 
 def test_label_gap():
@@ -93,6 +106,18 @@ def test_label_gap():
     assert A.label_gap(prev, c, 0, ['No Finding', 'Cardiomegaly']) == 0.0
     assert A.label_gap(prev, c, 0, ['Cardiomegaly|Effusion', 'No Finding']) == pytest.approx(0.5)
     assert A.label_gap(prev, c, 0, ['Cardiomegaly', 'Cardiomegaly']) == pytest.approx(1.0)
+
+
+def test_reference_combos_and_target_choice():
+    ref = pd.DataFrame({'Finding Labels': ['No Finding'] * 5 + ['Mass|Effusion'] * 3 + ['Hernia'] * 2})
+    v = A.reference_combos(ref)
+    assert list(v.index) == ['No Finding', 'Effusion|Mass', 'Hernia'] and v.iloc[0] == 0.5
+    prev = pd.Series(0.0, index=LABELS)
+    prev[['No Finding', 'Effusion', 'Mass', 'Hernia']] = [0.5, 0.3, 0.3, 0.2]
+    c = pd.Series(0.0, index=LABELS)
+    assert A.choose_target(prev, c, 0, 4, list(v.index)) == 'No Finding'
+    c['No Finding'] = 6
+    assert A.choose_target(prev, c, 6, 4, list(v.index)) == 'Effusion|Mass'
 
 
 def _run(args, env=None):

@@ -57,6 +57,27 @@ def test_algorithm1_targets_stopping_and_failures(nets):
     assert t.iloc[-1].n == 10 and t.iloc[-1].not_converged == 2
 
 
+def test_exclusive_label_sets(nets):
+    "exclusive=True: converged samples carry exactly the target label set (targets reached, every other finding below threshold)."
+    import copy
+    G, clf = nets
+    clf = copy.deepcopy(clf)
+    with torch.no_grad(): lg = clf(G(sample_z(256, 16, seed=3, truncation=0.7)))
+    clf.thresholds.copy_(lg.quantile(0.9, dim=0))        # other findings mostly negative, targets rarely positive at the start
+    clf.thresholds[[2, 3]] = lg[:, [2, 3]].median(0).values
+    r = L.optimise_class(G, clf, 'Effusion|Cardiomegaly', n=12, steps=60, lr=0.05, exclusive=True, seed=0)
+    assert r.label == 'Cardiomegaly|Effusion' and r.converged.any(), r.summary()
+    with torch.no_grad(): pos = clf(G(r.z_star)) >= clf.thresholds
+    tgt = [LABELS.index('Cardiomegaly'), LABELS.index('Effusion')]
+    others = [j for j in range(1, 15) if j not in tgt]
+    assert pos[:, tgt].all() and not pos[:, others].any()
+    r0 = L.optimise_class(G, clf, 'No Finding', n=12, steps=60, lr=0.05, exclusive=True, seed=1)
+    if r0.converged.any():
+        with torch.no_grad(): assert not (clf(G(r0.z_star)) >= clf.thresholds)[:, 1:].any()
+    with pytest.raises(ValueError, match='exclusive'): L.optimise_class(G, clf, 'Effusion|Cardiomegaly', n=2)
+    with pytest.raises(ValueError, match='No Finding'): L.label_set('No Finding|Mass')
+
+
 def test_plain_gradient_step_matches_paper(nets):
     "normalise=False is the paper's z <- z + lr * grad_z f_c(G(z))."
     G, clf = nets
