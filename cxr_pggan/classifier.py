@@ -375,12 +375,13 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
 
 # %% ../nbs/07_classifier.ipynb #6d10f2b4
 def _labelled_frame(data: str | Path | None, metadata: str | Path | None, splits: str | Path | None,
-                    phantom: int | None, phantom_size: int, seed: int, drop_missing: bool = False) -> tuple[pd.DataFrame, dict]:
+                    phantom: int | None, phantom_size: int, seed: int, drop_missing: bool = False,
+                    phantom_enrich: float = 0.0) -> tuple[pd.DataFrame, dict]:
     "Frame with `path` and `split` from an NIH-layout folder (or the phantom), with the inputs used."
     from cxr_pggan import data as D
     if phantom:
         from cxr_pggan.phantom import ensure_phantom
-        data = ensure_phantom(phantom, phantom_size, seed)
+        data = ensure_phantom(phantom, phantom_size, seed, enrich=phantom_enrich or 0.0)
     if data is None: raise ValueError("give --data DIR (NIH layout: images/ + Data_Entry_2017*.csv) or --phantom N")
     df = D.load_folder(data, metadata, on_missing='drop' if drop_missing else 'raise')
     inputs = dict(metadata=df.attrs['source'])
@@ -396,6 +397,7 @@ def train_classifier_cli(argv: list[str]) -> int:
     ap.add_argument('--splits', help='splits CSV from `cxr-pggan split` (default: patient-level split made now)')
     ap.add_argument('--phantom', type=int, help='train on the embedded phantom with this many images instead of --data')
     ap.add_argument('--phantom-size', type=int, default=128)
+    ap.add_argument('--phantom-enrich', type=float, default=0.0, help='over-sample rare findings in the phantom (0: the NIH mix)')
     ap.add_argument('--arch', default='densenet121', choices=['densenet121', 'discriminator'])
     ap.add_argument('--discriminator', help='GAN checkpoint whose D becomes the classifier (with --arch discriminator)')
     ap.add_argument('--weights', help=f'ImageNet DenseNet-121 file ({DENSENET_FILE}); default ${DENSENET_ENV} or the torch hub cache')
@@ -414,7 +416,7 @@ def train_classifier_cli(argv: list[str]) -> int:
     ap.add_argument('--out', required=True, help='checkpoint to write (.pt); the AUC table goes beside it (.auc.csv)')
     a = ap.parse_args(argv)
     try:
-        df, inputs = _labelled_frame(a.data, a.metadata, a.splits, a.phantom, a.phantom_size, a.seed, a.drop_missing)
+        df, inputs = _labelled_frame(a.data, a.metadata, a.splits, a.phantom, a.phantom_size, a.seed, a.drop_missing, a.phantom_enrich)
         r = fit_classifier(df, a.out, arch=a.arch, input_size=a.input_size, weights=a.weights, discriminator=a.discriminator,
                            epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, lr_patience=a.lr_patience, patience=a.patience,
                            max_steps=a.max_steps, n_boot=a.n_boot, device=a.device, num_workers=a.workers, seed=a.seed, inputs=inputs)
@@ -429,9 +431,9 @@ def train_classifier_cli(argv: list[str]) -> int:
 
 # %% ../nbs/07_classifier.ipynb #874fa01a
 register_profile('classifier',
-    smoke=dict(data=None, phantom_n=64, phantom_size=64, input_size=32, epochs=1, batch_size=16, max_steps=2,
+    smoke=dict(data=None, phantom_n=64, phantom_size=64, phantom_enrich=0.0, input_size=32, epochs=1, batch_size=16, max_steps=2,
                patience=3, n_boot=100, gan=None, workers=0, seed=0),
-    demo=dict(data=None, phantom_n=600, phantom_size=128, input_size=64, epochs=5, batch_size=32, max_steps=None,
-              patience=3, n_boot=1000, gan='pggan_demo/final.pt', workers=0, seed=0),
-    paper=dict(data='nih', phantom_n=None, phantom_size=None, input_size=224, epochs=50, batch_size=16, max_steps=None,
+    demo=dict(data=None, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, input_size=32, epochs=20, batch_size=32, max_steps=None,
+              patience=4, n_boot=1000, gan='pggan_demo/final.pt', workers=0, seed=0),
+    paper=dict(data='nih', phantom_n=None, phantom_size=None, phantom_enrich=None, input_size=224, epochs=50, batch_size=16, max_steps=None,
                patience=5, n_boot=1000, gan='pggan_paper/final.pt', workers=8, seed=0))

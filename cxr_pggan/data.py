@@ -380,9 +380,9 @@ def bench_split_cli(argv: list[str]) -> int:
 
 # %% ../nbs/01_data.ipynb #b06dd883
 register_profile('dataset',
-    smoke=dict(dataset='phantom', metadata=None, images=None, phantom_n=64, phantom_size=64, seed=0, fractions=[0.7, 0.1, 0.2]),
-    demo=dict(dataset='phantom', metadata=None, images=None, phantom_n=600, phantom_size=128, seed=0, fractions=[0.7, 0.1, 0.2]),
-    paper=dict(dataset='nih', metadata=None, images=None, phantom_n=None, phantom_size=None, seed=0, fractions=[0.7, 0.1, 0.2]))
+    smoke=dict(dataset='phantom', metadata=None, images=None, phantom_n=64, phantom_size=64, phantom_enrich=0.0, seed=0, fractions=[0.7, 0.1, 0.2]),
+    demo=dict(dataset='phantom', metadata=None, images=None, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, seed=0, fractions=[0.7, 0.1, 0.2]),
+    paper=dict(dataset='nih', metadata=None, images=None, phantom_n=None, phantom_size=None, phantom_enrich=None, seed=0, fractions=[0.7, 0.1, 0.2]))
 
 def dataset_frame(P: dict) -> pd.DataFrame:
     """The metadata of a profile's dataset, with a `path` column when images are available.
@@ -391,7 +391,7 @@ def dataset_frame(P: dict) -> pd.DataFrame:
     `metadata`, else the `Data_Entry_2017*.csv` in that folder, else the real table shipped with torchxrayvision."""
     if P['dataset'] == 'phantom':
         from cxr_pggan.phantom import ensure_phantom
-        return load_folder(ensure_phantom(P['phantom_n'], P['phantom_size'], P['seed']))
+        return load_folder(ensure_phantom(P['phantom_n'], P['phantom_size'], P['seed'], enrich=P.get('phantom_enrich') or 0.0))
     if P['dataset'] == 'nih':
         root = Path(P['images']) if P.get('images') else data_dir('nih', create=False)
         local = sorted(root.glob('Data_Entry_2017*.csv*')) if root.is_dir() else []

@@ -838,22 +838,23 @@ def bench_fid_cli(argv: list[str]) -> int:
 
 # %% ../nbs/08_fid.ipynb #f3b48a0c
 register_profile('fid',
-    smoke=dict(real=None, phantom_n=40, phantom_size=64, fake=None, n_fake=40, inception_weights=None, allow_random_weights=True,
+    smoke=dict(real=None, phantom_n=40, phantom_size=64, phantom_enrich=0.0, fake=None, n_fake=40, inception_weights=None, allow_random_weights=True,
                classifier=None, batch_size=20, workers=0, kid_subsets=10, kid_subset_size=1000, min_class_n=2, seed=0),
-    demo=dict(real=None, phantom_n=600, phantom_size=128, fake='auto', n_fake=600, inception_weights=None, allow_random_weights=True,
+    demo=dict(real=None, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, fake='auto', n_fake=600, inception_weights=None, allow_random_weights=True,
               classifier='auto', batch_size=50, workers=2, kid_subsets=50, kid_subset_size=1000, min_class_n=5, seed=0),
-    paper=dict(real='nih', phantom_n=None, phantom_size=None, fake='auto', n_fake=10000, inception_weights=None, allow_random_weights=False,
+    paper=dict(real='nih', phantom_n=None, phantom_size=None, phantom_enrich=None, fake='auto', n_fake=10000, inception_weights=None, allow_random_weights=False,
                classifier='auto', batch_size=100, workers=8, kid_subsets=100, kid_subset_size=1000, min_class_n=2, seed=0))
 
 # %% ../nbs/08_fid.ipynb #411717d5
-def real_frame(real: str | Path | None = None, phantom_n: int | None = None, phantom_size: int = 64, seed: int = 0):
+def real_frame(real: str | Path | None = None, phantom_n: int | None = None, phantom_size: int = 64, seed: int = 0,
+               phantom_enrich: float | None = 0.0):
     "Canonical NIH frame with `path` of `real` (NIH-layout folder; 'nih' = data/nih) or of the phantom; and the inputs used."
     from cxr_pggan import data as D
     from cxr_pggan.core import data_dir
     if real is None:
         if not phantom_n: raise ValueError("give real (an NIH-layout folder) or phantom_n")
         from cxr_pggan.phantom import ensure_phantom
-        real = ensure_phantom(phantom_n, phantom_size, seed)
+        real = ensure_phantom(phantom_n, phantom_size, seed, enrich=phantom_enrich or 0.0)
     elif not Path(real).is_absolute() and not Path(real).exists(): real = data_dir(real, create=False)
     df = D.load_folder(real)
     return df, dict(metadata=df.attrs['source'])

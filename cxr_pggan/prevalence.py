@@ -113,11 +113,11 @@ def figure6(tables: list[pd.DataFrame], title_note: str = ''):
 
 # %% ../nbs/09_prevalence.ipynb #1bb88a44
 register_profile('prevalence',
-    smoke=dict(real=None, phantom_n=40, phantom_size=64, fake=None, n_fake=40, classifier=None, label_source='auto',
+    smoke=dict(real=None, phantom_n=40, phantom_size=64, phantom_enrich=0.0, fake=None, n_fake=40, classifier=None, label_source='auto',
                n_boot=10_000, batch_size=20, workers=0, seed=0),
-    demo=dict(real=None, phantom_n=600, phantom_size=128, fake='auto', n_fake=600, classifier='auto', label_source='auto',
+    demo=dict(real=None, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, fake='auto', n_fake=600, classifier='auto', label_source='auto',
               n_boot=10_000, batch_size=50, workers=2, seed=0),
-    paper=dict(real='nih', phantom_n=None, phantom_size=None, fake='auto', n_fake=10_000, classifier='auto', label_source='auto',
+    paper=dict(real='nih', phantom_n=None, phantom_size=None, phantom_enrich=None, fake='auto', n_fake=10_000, classifier='auto', label_source='auto',
                n_boot=10_000, batch_size=100, workers=8, seed=0))
 
 # %% ../nbs/09_prevalence.ipynb #b0ed8c21

@@ -353,7 +353,7 @@ def train(P: dict, callbacks=(), quiet: bool = False) -> dict:
     if data == 'nih': data = data_dir('nih', create=False)
     if not data:
         from cxr_pggan.phantom import ensure_phantom
-        data = ensure_phantom(P['phantom_n'], P['phantom_size'], P['seed'])
+        data = ensure_phantom(P['phantom_n'], P['phantom_size'], P['seed'], enrich=P.get('phantom_enrich') or 0.0)
     df = load_training_frame(data, P.get('metadata'))
     reals = RealImages(df, P['resolution'], cfg.channels, cache=P['cache_images'], workers=P['workers'],
                        seed=P['seed'], rank=rank, world=world, show_progress=io and not quiet)
@@ -498,13 +498,13 @@ _GAN_COMMON = dict(data=None, metadata=None, arch='segal2021', start_resolution=
                    lambda_gp=10.0, drift=1e-3, ema_beta=0.999, seed=0, amp=True, compile=False, channels_last=True,
                    device=None, resume='auto', run=None, checkpoint_dir=None, sample_dir=None, cpu_threads=1)
 GAN_PROFILES = register_profile('gan',
-    smoke=dict(_GAN_COMMON, phantom_n=64, phantom_size=64, resolution=16, channels=1, latent_dim=32, fmap_base=128, fmap_max=32,
+    smoke=dict(_GAN_COMMON, phantom_n=64, phantom_size=64, phantom_enrich=0.0, resolution=16, channels=1, latent_dim=32, fmap_base=128, fmap_max=32,
                kimg_stab=0.256, kimg_fade=0.256, kimg_last=0.512, batch_sizes=[8], workers=0, cache_images=True,
                checkpoint_kimg=0.5, keep_checkpoints=2, sample_kimg=0.5, log_every=4, n_samples=16, n_figure=16, ema_beta=0.99),
-    demo=dict(_GAN_COMMON, phantom_n=600, phantom_size=128, resolution=64, channels=1, latent_dim=64, fmap_base=256, fmap_max=32,
-              kimg_stab=2, kimg_fade=2, kimg_last=3, batch_sizes=[32, 32, 16, 16, 16], workers=0, cache_images=True,
-              checkpoint_kimg=3, keep_checkpoints=3, sample_kimg=2, log_every=10, n_samples=36, n_figure=64, ema_beta=0.99),
-    paper=dict(_GAN_COMMON, data='nih', phantom_n=None, phantom_size=None, resolution=1024, channels=3, latent_dim=512, fmap_base=8192, fmap_max=512,
+    demo=dict(_GAN_COMMON, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, resolution=32, channels=1, latent_dim=64, fmap_base=512, fmap_max=32,
+              kimg_stab=6, kimg_fade=6, kimg_last=30, batch_sizes=[32, 32, 32, 16], workers=0, cache_images=True, cpu_threads=None,
+              checkpoint_kimg=6, keep_checkpoints=3, sample_kimg=4, log_every=10, n_samples=36, n_figure=64, ema_beta=0.99),
+    paper=dict(_GAN_COMMON, data='nih', phantom_n=None, phantom_size=None, phantom_enrich=None, resolution=1024, channels=3, latent_dim=512, fmap_base=8192, fmap_max=512,
                kimg_stab=800, kimg_fade=800, kimg_last=2000, batch_sizes=[16, 16, 16, 16, 16, 16, 14, 8, 3], workers=8,
                cache_images=False, checkpoint_kimg=100, keep_checkpoints=5, sample_kimg=50, log_every=100, n_samples=16,
                n_figure=64, cpu_threads=None))
