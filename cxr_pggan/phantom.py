@@ -751,7 +751,7 @@ TRUTH_COLUMNS = ['Image Index', 'Patient ID', 'Follow-up #', 'View Position', 'P
     'fov_cm', 'pixel_spacing_mm', 'magnification', 'rotation_deg', 'shift_x_cm', 'shift_y_cm',
     'window_lo', 'window_hi', 'gamma', 'noise_sd', 'body_scale']
 
-ENRICH_MAX_FOLLOW_UPS = 4   # with enrich > 0, a patient contributes at most this many images (its earliest)
+ENRICH_MAX_FOLLOW_UPS = 4   # with enrich > 0, a patient contributes at most this many images (rarest labels first)
 
 def sample_patients(meta: pd.DataFrame, n: int, seed: int = 0, enrich: float = 0.0) -> pd.DataFrame:
     """`n` rows of `meta` taken patient-wise: patients in a seeded random order, each with all its follow-ups
