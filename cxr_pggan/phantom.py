@@ -284,8 +284,7 @@ def _side_of(c): return [-1] if c == 'R' else [1] if c == 'L' else [-1, 1]
 # %% ../nbs/02_phantom.ipynb #b81a2efe
 @_painter('Effusion')
 def _paint_effusion(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
+    X, Y, e, G, F, lmask, vis, D, T = k.X, k.Y, k.e, k.G, k.F, k.lmask, k.vis, k.D, k.T
     side_of, add_O = _side_of, k.add_O
     f = F['Effusion']; T['effusion_side'] = f['side']
     for sg in side_of(f['side']):
@@ -299,9 +298,8 @@ def _paint_effusion(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #87ca3eec
 @_painter('Pneumothorax')
 def _paint_pneumothorax(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, G, F, fr, lmask, air, vis, D = k.X, k.Y, k.G, k.F, k.fr, k.lmask, k.air, k.vis, k.D
+    T = k.T
     f = F['Pneumothorax']; sg = -1 if f['side'] == 'R' else 1; k = 1 - f['f']
     hx, hy = G['hil'][sg]
     dc, _, _ = _lung_d(G, sg, hx + (X - hx) / k, hy + (Y - hy) / k)
@@ -315,9 +313,7 @@ def _paint_pneumothorax(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #7534d8ee
 @_painter('Nodule')
 def _paint_nodule(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, s, fr, D, T = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.D, k.T
     f = F['Nodule']; got = []
     for dia, (sg, fx, fy) in zip(f['d'], f['pos']):
         R = dia / 2; sg = int(sg)
@@ -336,9 +332,8 @@ def _paint_nodule(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #63665720
 @_painter('Mass')
 def _paint_mass(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, s, fr, vis, D = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.vis, k.D
+    T = k.T
     f = F['Mass']; sg, fx, fy = int(f['pos'][0]), f['pos'][1], f['pos'][2]; R = f['d'] / 2
     x = sg * (G['mw'] + fx * (G['tw'][sg] - G['mw'])) + G['mshift']; y = G['apex'] + 3 * s + fy * (G['cp'][sg] - 5 * s - G['apex'])
     parts = [(x, y, R)] + [(x + o * R * math.cos(a), y + o * R * math.sin(a), rr * R) for a, o, rr in f['sat']]
@@ -356,9 +351,8 @@ def _paint_mass(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #85ce9b47
 @_painter('Consolidation')
 def _paint_consolidation(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, G, F, s, fr, rng, size, vis = k.X, k.Y, k.G, k.F, k.s, k.fr, k.rng, k.size, k.vis
+    T, vess, add_O = k.T, k.vess, k.add_O
     f = F['Consolidation']; lobe = f['lobe']; sg = -1 if lobe[0] == 'R' else 1
     yh = (-1.0 + f['fiss']) * s; xs = sg * (X - G['mshift'])
     med = _ramp(xs - G['mw'] - 2.5 * s, 2.5 * s)           # upper-lobe opacities spare the paramediastinal strip
@@ -374,9 +368,8 @@ def _paint_consolidation(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #ae012601
 @_painter('Pneumonia')
 def _paint_pneumonia(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, G, F, s, fr, rng, size, vis = k.X, k.Y, k.G, k.F, k.s, k.fr, k.rng, k.size, k.vis
+    T, add_O = k.T, k.add_O
     f = F['Pneumonia']; sg = int(f['side'])
     cx = sg * (G['mw'] + f['lat'] * (G['tw'][sg] - G['mw'])) + G['mshift']; cy = G['apex'] + f['zone'] * (G['cp'][sg] - G['apex'])
     sl = fr.box(cx, cy, 10 * s)
@@ -392,8 +385,7 @@ def _paint_pneumonia(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #8711d22f
 @_painter('Infiltration')
 def _paint_infiltration(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
+    Y, G, F, s, fr, rng, size, vis, T = k.Y, k.G, k.F, k.s, k.fr, k.rng, k.size, k.vis, k.T
     side_of, add_O = _side_of, k.add_O
     f = F['Infiltration']; nz = _noise_field(rng, size, fr.fov, 2.0) + 0.6 * _noise_field(rng, size, fr.fov, 0.8)
     z = f['zone']
@@ -405,9 +397,8 @@ def _paint_infiltration(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #ffe48ed5
 @_painter('Atelectasis')
 def _paint_atelectasis(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, s, fr, vis, T = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.vis, k.T
+    add_O = k.add_O
     f = F['Atelectasis']; sg = -1 if f['side'] == 'R' else 1
     for fx, above, L, t, tilt in f['plates']:
         x = sg * (G['mw'] + 1.5 * s + fx * (G['tw'][sg] - G['mw'] - 1.5 * s)) + G['mshift']; y = G['yd'][sg] - above * s
@@ -421,9 +412,8 @@ def _paint_atelectasis(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #ce9974e7
 @_painter('Edema')
 def _paint_edema(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, s, fr, rng, lmask = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.lmask
+    vis, D, T, add_O = k.vis, k.D, k.T, k.add_O
     f = F['Edema']
     for sg in (-1, 1):
         hx, hy = G['hil'][sg]
@@ -438,9 +428,8 @@ def _paint_edema(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #04018b5c
 @_painter('Emphysema')
 def _paint_emphysema(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, s, fr, lmask, air = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.lmask, k.air
+    vis, D, T = k.vis, k.D, k.T
     f = F['Emphysema']
     for sg in (-1, 1): air[sg] = air[sg] * f32(1.1)
     for bs, fx, fy, br in f['bullae']:
@@ -454,9 +443,8 @@ def _paint_emphysema(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #cec30b9e
 @_painter('Fibrosis')
 def _paint_fibrosis(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    Y, G, F, s, fr, rng, size, lmask, dl = k.Y, k.G, k.F, k.s, k.fr, k.rng, k.size, k.lmask, k.dl
+    D, T, side_of, add_O = k.D, k.T, _side_of, k.add_O
     f = F['Fibrosis']; nz = _noise_field(rng, size, fr.fov, 1.1)
     lines = np.clip(1 - np.abs(nz) * (1 / 0.22), 0, 1)
     zw = _ramp(Y - (G['yd'][-1] - 9 * s), 4 * s) if f['zone'] == 'lower' else _ramp(-2 * s - Y, 4 * s)
@@ -468,9 +456,8 @@ def _paint_fibrosis(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #46723070
 @_painter('Pleural_Thickening')
 def _paint_pleural_thickening(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    Y, e, G, F, s, lmask, dl, vis, D = k.Y, k.e, k.G, k.F, k.s, k.lmask, k.dl, k.vis, k.D
+    T, side_of, add_O = k.T, _side_of, k.add_O
     f = F['Pleural_Thickening']; t = f['t'] * s
     for sg in side_of(f['side']):
         o = _ramp(t - dl[sg][1], e) * _ramp(G['cp'][sg] - 3.5 * s - Y, 2 * s)
@@ -481,9 +468,7 @@ def _paint_pleural_thickening(k, f32=np.float32):
 # %% ../nbs/02_phantom.ipynb #08b300ff
 @_painter('Hernia')
 def _paint_hernia(k, f32=np.float32):
-    X, Y, e, G, F, s, fr, rng, size = k.X, k.Y, k.e, k.G, k.F, k.s, k.fr, k.rng, k.size
-    lmask, dl, air, vis, O, D, T, vess = k.lmask, k.dl, k.air, k.vis, k.O, k.D, k.T, k.vess
-    side_of, add_O = _side_of, k.add_O
+    X, Y, e, G, F, fr, air, D, T = k.X, k.Y, k.e, k.G, k.F, k.fr, k.air, k.D, k.T
     f = F['Hernia']; r = f['r']; x = G['hx'] - G['W'] / 6 + f['dx']; y = G['yd'][1] - 0.55 * r
     sl = fr.box(x, y, r + 0.5)
     if sl is not None:
@@ -857,9 +842,9 @@ def phantom_complete(folder, n=None, size=None, seed=None, enrich=None) -> bool:
     if not mf.is_file() or not (folder / 'Data_Entry_2017.csv').is_file(): return False
     try: man = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError): return False
-    want = dict(version=PHANTOM_VERSION, n=n, size=size, seed=seed)
+    man.setdefault('enrich', 0.0)                                 # renders from before `enrich` existed
+    want = dict(version=PHANTOM_VERSION, n=n, size=size, seed=seed, enrich=None if enrich is None else float(enrich))
     if any(v is not None and man.get(k) != v for k, v in want.items()): return False
-    if enrich is not None and float(man.get('enrich', 0.0)) != float(enrich): return False
     if man.get('data_entry_sha256') != file_sha256(folder / 'Data_Entry_2017.csv'): return False
     names = pd.read_csv(folder / 'Data_Entry_2017.csv', usecols=['Image Index'])['Image Index']
     have = set(os.listdir(folder / 'images')) if (folder / 'images').is_dir() else set()
