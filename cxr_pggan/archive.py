@@ -15,7 +15,7 @@ from .latent import as_image_generator, optimise_class, class_index, label_set
 # %% auto #0
 __all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'canonical',
            'reference_combos', 'choose_target', 'final_labels', 'make_patient', 'archive_rows', 'prevalence_table',
-           'build_archive', 'finalise_archive', 'archive_cli']
+           'plan_conflicts', 'build_archive', 'finalise_archive', 'archive_cli']
 
 # %% ../nbs/11_archive.ipynb #03f6e83c
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -177,6 +177,14 @@ def prevalence_table(df: pd.DataFrame, prev: pd.Series, tolerance: float) -> pd.
     t['abs_diff'] = (t.archive - t.reference).abs(); t['within_tolerance'] = t.abs_diff <= tolerance
     return t
 
+def plan_conflicts(out: str | Path, n: int, seed: int, generator_sha256: str | None, classifier_sha256: str | None) -> dict:
+    "Settings in which the archive plan in `out` (if any) differs from these: name -> (existing, requested); empty when it can be resumed."
+    p = Path(out) / 'archive.json'
+    if not p.exists(): return {}
+    plan = json.loads(p.read_text())
+    want = dict(n=n, seed=seed, generator_sha256=generator_sha256, classifier_sha256=classifier_sha256)
+    return {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
+
 def build_archive(generator, classifier, n: int, out: str | Path, reference: str | Path | pd.Series | None = None,
                   tolerance: float = 0.05, images_per_patient=(3, 6), sigma: float = 0.2, steps: int = 100, lr: float = 0.05,
                   candidates: int = 4, max_attempts: int = 5, jitter: bool = False, seed: int = 0, device=None,
@@ -196,8 +204,7 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
     plan_path = out / 'archive.json'
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
-        want = dict(n=n, seed=seed, generator_sha256=gsha, classifier_sha256=csha)
-        bad = {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
+        bad = plan_conflicts(out, n, seed, gsha, csha)
         if bad: raise ValueError(f"{plan_path}: this folder holds an archive made with other settings {bad} (existing, requested); "
                                  "use a new --out folder or the original settings to resume")
         prev = pd.Series(plan['reference_prevalence'])
