@@ -6,11 +6,12 @@ import numpy as np, pandas as pd, pytest, torch
 from cxr_pggan.data import LABELS, load_metadata, find_images, read_image
 from cxr_pggan import archive as A
 from cxr_pggan.classifier import load_classifier
+from cxr_pggan.latent import random_networks
 
 
 @pytest.fixture(scope='module')
 def nets(tmp_path_factory):
-    return A._random_networks(tmp_path_factory.mktemp('nets'), resolution=16)
+    return random_networks(tmp_path_factory.mktemp('nets'), resolution=16)
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +73,7 @@ def test_deficit_choice_tracks_reference():
 
 def test_gap_steers_local_samples_and_labels_match_disk(tmp_path, nets):
     "With a gap preferring fewer findings, the written patient has no more findings than the first draws; labels are the disk's."
-    from cxr_pggan.latent import as_image_generator
+    from cxr_pggan.pggan import as_image_generator
     gp, cp = nets
     G, clf = as_image_generator(gp), load_classifier(cp).eval()
     nfind = lambda labs: sum(0 if l == 'No Finding' else len(l.split('|')) for l in labs)
@@ -90,7 +91,7 @@ def test_gap_steers_local_samples_and_labels_match_disk(tmp_path, nets):
 
 
 def test_exclusive_patient_has_exactly_its_label_set(tmp_path, nets):
-    from cxr_pggan.latent import as_image_generator
+    from cxr_pggan.pggan import as_image_generator
     gp, cp = nets
     G, clf = as_image_generator(gp), load_classifier(cp).eval()
     (tmp_path / 'images').mkdir()

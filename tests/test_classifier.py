@@ -184,10 +184,11 @@ def test_cli(tmp_path):
                                    ).drop(columns=LABELS).to_csv(d / 'Data_Entry_2017.csv', index=False)
     gan, _ = _gan(tmp_path)
     out = tmp_path / 'clf.pt'
-    rc = C.train_classifier_cli(['--data', str(d), '--arch', 'discriminator', '--discriminator', str(gan), '--epochs', '1',
-                                 '--n-boot', '20', '--workers', '0', '--out', str(out)])
+    rc = C.train_classifier_cli(['--profile', 'smoke', '--data', str(d), '--arch', 'discriminator', '--discriminator', str(gan),
+                                 '--set', 'epochs=1', '--set', 'max_steps=null', '--set', 'n_boot=20', '--out', str(out)])
     assert rc == 0 and out.exists() and (tmp_path / 'clf.auc.csv').exists()
     t = pd.read_csv(tmp_path / 'clf.auc.csv')
     assert list(t.label) == LABELS + ['macro']
     assert C.train_classifier_cli(['--data', str(tmp_path / 'none'), '--out', str(out)]) == 2
-    assert C.train_classifier_cli(['--data', str(d), '--arch', 'discriminator', '--out', str(out)]) == 2
+    assert C.train_classifier_cli(['--profile', 'smoke', '--data', str(d), '--arch', 'discriminator', '--out', str(out)]) == 2
+    assert C.train_classifier_cli(['--profile', 'smoke', '--data', str(d), '--set', 'no_such_knob=1', '--out', str(out)]) == 2

@@ -5,7 +5,7 @@ import numpy as np, pandas as pd, pytest, torch
 
 from cxr_pggan.data import LABELS
 from cxr_pggan import latent as L
-from cxr_pggan.pggan import make_config, Generator, Discriminator, save_pggan, sample_z
+from cxr_pggan.pggan import make_config, Generator, Discriminator, save_pggan, sample_z, as_image_generator
 from cxr_pggan.classifier import DiscriminatorClassifier, DenseNetClassifier
 
 
@@ -13,7 +13,7 @@ from cxr_pggan.classifier import DiscriminatorClassifier, DenseNetClassifier
 def nets():
     torch.manual_seed(0)
     cfg = make_config('karras2018', resolution=16, depths=[16, 16, 8], latent_dim=16)
-    G = L.as_image_generator(Generator(cfg, 16).eval())
+    G = as_image_generator(Generator(cfg, 16).eval())
     clf = DiscriminatorClassifier(make_config('segal2021', resolution=16, depths=[16, 16, 8]).to_dict(), 16).eval()
     return G, clf
 
@@ -23,13 +23,13 @@ def test_generator_ranges(tmp_path):
     g = Generator(cfg, 8).eval()
     z = torch.randn(3, 8)
     with torch.no_grad():
-        torch.testing.assert_close(L.as_image_generator(g)(z), ((g(z) + 1) / 2).clamp(0, 1))
-        f = L.as_image_generator(lambda z: g(z), latent_dim=8, output_range=(0, 1))
+        torch.testing.assert_close(as_image_generator(g)(z), ((g(z) + 1) / 2).clamp(0, 1))
+        f = as_image_generator(lambda z: g(z), latent_dim=8, output_range=(0, 1))
         torch.testing.assert_close(f(z), g(z).clamp(0, 1))
     save_pggan(tmp_path / 'g.pt', cfg, G=g, G_ema=Generator(cfg, 8))
-    ig = L.as_image_generator(tmp_path / 'g.pt')
+    ig = as_image_generator(tmp_path / 'g.pt')
     assert ig.weights['network'] == 'G_ema' and ig.weights['sha256'] and ig.latent_dim == 8
-    with pytest.raises(ValueError, match='latent_dim='): L.as_image_generator(lambda z: z)
+    with pytest.raises(ValueError, match='latent_dim='): as_image_generator(lambda z: z)
 
 
 def test_algorithm1_targets_stopping_and_failures(nets):
@@ -102,7 +102,7 @@ def test_jitter_targets_and_threshold_default(nets):
 def test_works_with_densenet():
     torch.manual_seed(2)
     cfg = make_config('segal2021', resolution=16, depths=[16, 16, 8], latent_dim=16)
-    G = L.as_image_generator(Generator(cfg, 16).eval())
+    G = as_image_generator(Generator(cfg, 16).eval())
     clf = DenseNetClassifier(input_size=32).eval()          # G's 16² images are resized to 32² inside the classifier
     z = sample_z(2, 16, seed=0, truncation=0.7)
     with torch.no_grad(): l0 = clf(G(z))[:, 1]
@@ -181,7 +181,7 @@ def test_phantom_cardiomegaly_verification():
         warnings.simplefilter('ignore')
         r = train_classifier(clf, DS(X[:140], Y[:140]), DS(X[140:], Y[140:]), epochs=5, batch_size=16, patience=5, log=lambda *a: None)
     assert r['val_macro_auc'] > 0.75
-    G = L.as_image_generator(_BankGenerator(X64[100:]), latent_dim=16, output_range=(0, 1))   # 64² images, half held out
+    G = as_image_generator(_BankGenerator(X64[100:]), latent_dim=16, output_range=(0, 1))   # 64² images, half held out
     v = L.class_verification(G, clf, n=24, cls='Cardiomegaly', steps=60, lr=0.05, seed=0)
     assert v['random']['n'] >= 18 and v['optimised']['n'] >= 12, v
     assert v['optimised']['median'] > v['random']['median'] + 0.05, (v['random'], v['optimised'])

@@ -94,13 +94,16 @@ def test_classifier_labels_use_youden_thresholds(tmp_path):
     with pytest.raises(TypeError, match='thresholds'): PR.classifier_labels(torch.nn.Linear(1, 1), files)
 
 
-def test_generated_labels_from_archive_and_errors(tmp_path):
-    from cxr_pggan.data import default_metadata_path, LABELS
-    raw = pd.read_csv(default_metadata_path(), nrows=6)
-    (tmp_path / 'images').mkdir()
-    raw.to_csv(tmp_path / 'Data_Entry_2017.csv', index=False)
-    Y, src = PR.generated_labels(tmp_path, None)
-    assert list(Y.columns) == LABELS and len(Y) == 6 and src.startswith('given')
-    with pytest.raises(FileNotFoundError, match='Data_Entry'): PR.generated_labels(tmp_path / 'images', None)
-    with pytest.raises(ValueError, match='classifier'):
-        (tmp_path / 'g.pt').write_bytes(b'x'); PR.generated_labels(tmp_path / 'g.pt', 4)
+def test_generated_labels_of_checkpoints_and_folders(tmp_path):
+    "A generator checkpoint is sampled and classified; a folder of images (an archive) is classified; both by one classifier."
+    from cxr_pggan.latent import random_networks
+    from cxr_pggan.classifier import load_classifier
+    from cxr_pggan.pggan import generate
+    gp, cp = random_networks(tmp_path / 'nets')
+    clf = load_classifier(cp)
+    Yg = PR.generated_labels(gp, 6, clf, device='cpu')
+    generate(gp, 6, tmp_path / 'pngs', seed=0, device='cpu')
+    Yf = PR.generated_labels(tmp_path / 'pngs', None, clf, device='cpu')
+    assert Yg.shape == Yf.shape == (6, 15)
+    assert (Yg.to_numpy() == Yf.to_numpy()).all()          # the PNGs are exactly the samples the checkpoint gives for seed 0
+    with pytest.raises(FileNotFoundError, match='no such'): PR.generated_labels(tmp_path / 'nothing', 4, clf)
