@@ -96,8 +96,11 @@ def test_auc_table_and_youden():
     # a class with one label value -> undefined AUC, NaN CI, threshold 0 with a warning
     y[:, 3] = 0
     t = C.roc_auc_table(y, s, n_boot=50)
-    assert np.isnan(t.auc[3]) and np.isfinite(t.auc.iloc[-1])
+    assert np.isnan(t.auc[3]) and np.isfinite(t.auc.iloc[-1]) and t.note[3].startswith('no positives')
     with pytest.warns(UserWarning, match='Effusion'): assert C.youden_thresholds(y, s)[3] == 0
+    y[:4, 3] = 1                                                     # 4 positives: AUC shown, CI withheld and said so
+    t = C.roc_auc_table(y, s, n_boot=50)
+    assert np.isfinite(t.auc[3]) and np.isnan(t.ci_low[3]) and np.isnan(t.ci_high[3]) and 'no CI' in t.note[3] and t.n_pos[3] == 4
 
 
 def test_checkpoint_roundtrip_and_errors(tmp_path, small_clf):
@@ -121,6 +124,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path, small_clf):
 def _gan(tmp_path, res=16):
     from cxr_pggan.pggan import make_config, Discriminator, Generator, save_pggan
     cfg = make_config('segal2021', resolution=res, depths=[16, 16, 8][:int(np.log2(res)) - 1], latent_dim=16)
+    torch.manual_seed(0)                                              # the same GAN whatever ran before (the recipe test depends on it)
     D = Discriminator(cfg, res)
     return save_pggan(tmp_path / 'gan.pt', cfg, G=Generator(cfg, res), D=D), D
 
@@ -189,6 +193,8 @@ def test_cli(tmp_path):
     assert rc == 0 and out.exists() and (tmp_path / 'clf.auc.csv').exists()
     t = pd.read_csv(tmp_path / 'clf.auc.csv')
     assert list(t.label) == LABELS + ['macro']
-    assert C.train_classifier_cli(['--data', str(tmp_path / 'none'), '--out', str(out)]) == 2
-    assert C.train_classifier_cli(['--profile', 'smoke', '--data', str(d), '--arch', 'discriminator', '--out', str(out)]) == 2
-    assert C.train_classifier_cli(['--profile', 'smoke', '--data', str(d), '--set', 'no_such_knob=1', '--out', str(out)]) == 2
+    from cxr_pggan.cli import main
+    out2 = tmp_path / 'clf2.pt'
+    assert main(['train-classifier', '--data', str(tmp_path / 'none'), '--out', str(out2)]) == 2
+    assert main(['train-classifier', '--profile', 'smoke', '--data', str(d), '--arch', 'discriminator', '--out', str(out2)]) == 2
+    assert main(['train-classifier', '--profile', 'smoke', '--data', str(d), '--set', 'no_such_knob=1', '--out', str(out2)]) == 2

@@ -268,12 +268,18 @@ def test_classifier_features_standin_and_checkpoint(pngs, tmp_path):
     assert str(r).startswith('FID_CXR') and 'clf.pt' in str(r)
 
 
+def _fid(*argv):
+    "`cxr-pggan fid ...` in-process, through the entry point (one-line errors, exit status 2)."
+    from cxr_pggan.cli import main
+    return main(['fid', *map(str, argv)])
+
+
 def test_cli_refuses_without_weights_and_labels_random(two, tmp_path, monkeypatch, capsys):
     pngs = two
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'th')); monkeypatch.delenv(FE.WEIGHTS_ENV, raising=False)
-    assert FID.fid_cli(['--real', str(pngs), '--fake', str(pngs)]) == 2
+    assert _fid('--real', pngs, '--fake', pngs) == 2
     err = capsys.readouterr().err
-    assert 'hub' in err and FE.FID_WEIGHTS_FILE in err
+    assert 'hub' in err and FE.FID_WEIGHTS_FILE in err and len(err.strip().splitlines()) == 1
     out = tmp_path / 'r.json'
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -287,7 +293,7 @@ def test_cli_refuses_without_weights_and_labels_random(two, tmp_path, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         assert FID.fid_cli(['--real', str(tmp_path / 'a.npz'), '--fake', str(tmp_path / 'b.npz')]) == 0   # stats only: no weights needed
-    assert FID.fid_cli(['--real', str(tmp_path / 'nope'), '--fake', str(pngs), '--allow-random-weights']) == 2
+    assert _fid('--real', tmp_path / 'nope', '--fake', pngs, '--allow-random-weights') == 2
 
 
 def test_cli_generator_checkpoint(two, tmp_path, monkeypatch, capsys):
@@ -336,5 +342,5 @@ def test_cli_metrics_and_classifier_features(two, tmp_path, capsys):
     assert out.startswith('FID_CXR') and 'N=2 vs N=2' in out and 'clf.pt' in out
     rec = json.loads((tmp_path / 'r.json').read_text())
     assert set(rec['metrics']) == {'FID_CXR', 'KID_CXR', 'KID_CXR_std'}
-    assert FID.fid_cli(['--real', str(two), '--fake', str(two), '--metrics', 'nope']) == 2
+    assert _fid('--real', two, '--fake', two, '--metrics', 'nope') == 2
     assert 'unknown metric' in capsys.readouterr().err

@@ -134,11 +134,14 @@ def test_our_format_roundtrip_weights_only(tmp_path):
     assert pre.meta['alpha'] == 0.5 and pre.G.fading
 
 
+_VERB = {'convert_weights_cli': 'convert-weights', 'generate_cli': 'generate'}
+
 def _run_cli(fn, *argv):
-    "Run a verb function in-process; returns (returncode, stdout, stderr) like subprocess.run."
+    "Run a verb in-process through `cxr-pggan`'s entry point; returns (returncode, stdout, stderr) like subprocess.run."
     import contextlib, io, types
+    from cxr_pggan.cli import main
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = getattr(P, fn)(list(argv))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([_VERB[fn], *argv])
     return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
@@ -177,7 +180,7 @@ def test_generate_cli(tmp_path):
     prov = json.loads((tmp_path / 'o' / 'latents.npy.provenance.json').read_text())
     assert prov['pretrained_weights']['generator']['network'] == 'G_ema'
     r = _run_cli('generate_cli', '--checkpoint', str(tmp_path / 'missing.pt'), '--n', '1', '--out', str(tmp_path / 'o2'))
-    assert r.returncode == 2 and 'no such checkpoint' in r.stderr
+    assert r.returncode == 2 and 'no such checkpoint' in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @needs_fixtures

@@ -205,10 +205,14 @@ def test_ensure_phantom_caches_and_repairs(tmp_path):
     assert not phantom_complete(f, 12, 64, 3)
     ensure_phantom(12, 64, 3, root=tmp_path, quiet=True)
     assert victim.is_file() and phantom_complete(f, 12, 64, 3)
-    (f / 'images' / 'stale.png').write_bytes(b'x')              # a PNG from another render is removed on re-render
+    (f / 'images' / 'stale.png').write_bytes(b'x')              # a file someone else put there is never deleted
     (f / MANIFEST).unlink()                                     # an interrupted render has no manifest
     assert not phantom_complete(f) and phantom_complete(ensure_phantom(12, 64, 3, root=tmp_path, quiet=True))
-    assert not (f / 'images' / 'stale.png').exists() and len(list((f / 'images').iterdir())) == 12
+    assert (f / 'images' / 'stale.png').read_bytes() == b'x' and len(list((f / 'images').iterdir())) == 13
+    old = set(pd.read_csv(f / 'Data_Entry_2017.csv')['Image Index'])
+    render_phantom(f, 8, 64, 4, quiet=True)                     # another render in our folder: our old PNGs go, the stranger stays
+    new = set(pd.read_csv(f / 'Data_Entry_2017.csv')['Image Index'])
+    assert {p.name for p in (f / 'images').iterdir()} == new | {'stale.png'} and old - new
 
 
 def test_ensure_phantom_enriched_is_its_own_cache(tmp_path):
@@ -237,8 +241,11 @@ def test_cli_writes_the_layout(tmp_path, capsys):
                                        (['--seed', '-1'], '--seed must be >= 0'), (['--metadata', '/nonexistent.csv'], 'no such file'),
                                        (['--n', '999999'], 'exceeds')])
 def test_cli_bad_args(tmp_path, capsys, args, msg):
-    with pytest.raises(SystemExit) as e: phantom_cli(['--out', str(tmp_path / 'x'), *args])
-    assert e.value.code == 2 and msg in capsys.readouterr().err
+    from cxr_pggan.cli import main
+    try: rc = main(['phantom', '--out', str(tmp_path / 'x'), *args])
+    except SystemExit as e: rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_phantom_grid(small, tmp_path):

@@ -1,0 +1,322 @@
+"""What a user meets, through the real command line in a subprocess: every bad input or fault gives one line that
+names the file or option (exit status 2, no traceback) or works; no file that was there before is changed."""
+import hashlib, json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np, pandas as pd, pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+
+
+def cli(ws, *args, env=None, timeout=240):
+    "`python -m cxr_pggan ARGS` with the workspace's outputs folder; returns the CompletedProcess."
+    e = dict(os.environ, TQDM_DISABLE='1', MPLBACKEND='Agg', CXR_PGGAN_OUTPUTS=str(ws / 'outputs'), OMP_NUM_THREADS='1')
+    e.pop('CXR_PGGAN_DEBUG', None); e.update(env or {})
+    return subprocess.run([sys.executable, '-m', 'cxr_pggan', *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def tree(folder) -> dict:
+    "sha256 and mode of every file under `folder` (or of the file itself)."
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob('*') if p.is_file())
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode) for p in files}
+
+
+def one_error(r, *needles):
+    "Exit status 2, no traceback, one `cxr-pggan ...:` line that contains every needle."
+    lines = [l for l in r.stderr.splitlines() if l.startswith('cxr-pggan')]
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-1500:])
+    assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1, r.stderr
+    for n in needles: assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _png(path, a, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True); Image.fromarray(a, mode).save(path)
+
+
+@pytest.fixture(scope='module')
+def ws(tmp_path_factory):
+    "A workspace: a user's NIH-layout folder, random networks, broken files of every kind."
+    ws = tmp_path_factory.mktemp('ws')
+    rng = np.random.default_rng(0)
+    user = ws / 'userdata'; rows = []
+    labels = ['No Finding', 'Cardiomegaly', 'Effusion', 'No Finding', 'Hernia', 'Mass', 'No Finding', 'Nodule'] * 2
+    for i in range(16):
+        name = f'{i // 2:08d}_{i % 2:03d}.png'
+        _png(user / 'images' / name, (rng.random((40, 40)) * 255).astype(np.uint8))
+        rows.append(dict(**{'Image Index': name, 'Finding Labels': labels[i], 'Follow-up #': i % 2, 'Patient ID': i // 2,
+                            'Patient Age': 40 + i, 'Patient Gender': 'MF'[i % 2], 'View Position': 'PA'}))
+    pd.DataFrame(rows).to_csv(user / 'Data_Entry_2017.csv', index=False)
+    from cxr_pggan.latent import random_networks
+    gan, clf = random_networks(ws / 'nets', 16)
+    b = gan.read_bytes()
+    (ws / 'truncated.pt').write_bytes(b[:len(b) // 2])
+    import torch                                                    # bit rot inside a tensor: the zip still reads, the checksum does not
+    ck = torch.load(gan, weights_only=True); k = next(iter(ck['G'])); ck['G'][k].view(-1)[0] += 1.0; torch.save(ck, ws / 'flipped.pt')
+    (ws / 'random.pt').write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    # a pickle that would run code when unpickled: its __reduce__ creates a file
+    (ws / 'evil.pt').write_bytes(subprocess.run([sys.executable, '-c', f'''
+import os, pickle, sys, torch
+class Evil:
+    def __reduce__(self): return (os.system, ('touch {ws / "PWNED"}',))
+torch.save(dict(G=Evil()), sys.stdout.buffer)'''], capture_output=True, check=True).stdout)
+    (ws / 'foreign.pt').write_bytes(b'a file of the user')
+    (ws / 'empty.csv').write_text('')
+    pd.read_csv(user / 'Data_Entry_2017.csv').to_csv(ws / 'semicolon.csv', sep=';', index=False)
+    pd.read_csv(user / 'Data_Entry_2017.csv').assign(**{'Finding Labels': 'Flu'}).to_csv(ws / 'badlabel.csv', index=False)
+    # image kinds that work: RGBA, 16-bit, a JPEG named .png, 12-bit data in 16-bit storage
+    kinds = ws / 'kinds'
+    _png(kinds / 'rgba.png', np.dstack([(rng.random((40, 40, 3)) * 255).astype(np.uint8), np.full((40, 40), 255, np.uint8)]), 'RGBA')
+    _png(kinds / 'g16.png', (rng.random((40, 40)) * 65535).astype(np.uint16))
+    Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(kinds / 'jpeg_named.png', format='JPEG')
+    twelve = ws / 'twelve'
+    for i in range(3): _png(twelve / f'{i}.png', (rng.random((40, 40)) * 4095).astype(np.uint16))
+    small = ws / 'small32'
+    for i in range(3): _png(small / f'{i}.png', (rng.random((32, 32)) * 255).astype(np.uint8))
+    one = ws / 'one'; _png(one / 'only.png', np.zeros((40, 40), np.uint8))
+    # a real splits file of the user folder
+    assert cli(ws, 'split', '--metadata', user / 'Data_Entry_2017.csv', '--out', ws / 'splits', '--fractions', '0.5', '0.25', '0.25').returncode == 0
+    return dict(root=ws, user=user, gan=gan, clf=clf, kinds=kinds, twelve=twelve, small=small, one=one)
+
+
+def _protect(*paths):
+    return {str(p): tree(p) for p in paths}
+
+
+# ---- no command deletes or overwrites what it did not write --------------------------------------------------------
+
+@pytest.mark.parametrize('verb', ['phantom', 'archive', 'generate', 'split'])
+def test_writers_refuse_a_users_folder(ws, verb):
+    u, w = ws['user'], ws['root']
+    before = tree(u)
+    argv = dict(phantom=['phantom', '--out', u, '--n', '16', '--size', '64'],
+                archive=['archive', '--generator', ws['gan'], '--classifier', ws['clf'], '--n', '3', '--out', u],
+                generate=['generate', '--checkpoint', ws['gan'], '--n', '2', '--out', u],
+                split=['split', '--metadata', u / 'Data_Entry_2017.csv', '--out', u])[verb]
+    one_error(cli(w, *argv), str(u), 'not empty', '--force')
+    assert tree(u) == before
+
+
+def test_force_writes_beside_but_never_over(ws):
+    u, w = ws['user'], ws['root']
+    before = tree(u)
+    one_error(cli(w, 'phantom', '--out', u, '--n', '16', '--size', '64', '--force'), 'Data_Entry_2017.csv', 'never overwritten')
+    r = cli(w, 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', u, '--force')
+    assert r.returncode == 0, r.stderr
+    after = tree(u)
+    assert all(after[k] == v for k, v in before.items())                          # every user file intact
+    assert (u / 'synthetic_000001.png').is_file()
+    for p in (u / 'synthetic_000000.png', u / 'synthetic_000001.png', u / 'latents.npy', u / 'latents.npy.provenance.json', u / '.cxr_pggan.json'):
+        p.unlink()
+    assert tree(u) == before
+
+
+@pytest.mark.parametrize('verb', ['train-classifier', 'convert-weights', 'fid-json', 'bench-json'])
+def test_single_file_outputs_are_not_overwritten(ws, verb):
+    w, f = ws['root'], ws['root'] / 'foreign.pt'
+    before = tree(f)
+    argv = {'train-classifier': ['train-classifier', '--profile', 'smoke', '--data', ws['user'], '--out', f],
+            'convert-weights': ['convert-weights', ws['gan'], f],
+            'fid-json': ['fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--allow-random-weights', '--json', f],
+            'bench-json': ['bench', 'split', '--metadata', ws['user'] / 'Data_Entry_2017.csv', '--repeats', '1', '--json', f]}[verb]
+    one_error(cli(w, *argv), str(f), 'not written by cxr-pggan')
+    assert tree(f) == before
+
+
+# ---- checkpoints: corrupt files named, never called pickles; auto-resume falls back -------------------------------------
+
+@pytest.mark.parametrize('bad', ['truncated.pt', 'flipped.pt', 'random.pt'])
+@pytest.mark.parametrize('verb', ['generate', 'convert-weights', 'archive', 'fid'])
+def test_corrupt_checkpoints(ws, bad, verb):
+    w, ck = ws['root'], ws['root'] / bad
+    argv = dict(generate=['generate', '--checkpoint', ck, '--n', '2', '--out', w / f'gen_{bad}'],
+                **{'convert-weights': ['convert-weights', ck, w / f'conv_{bad}']},
+                archive=['archive', '--generator', ck, '--classifier', ws['clf'], '--n', '3', '--out', w / f'arch_{bad}'],
+                fid=['fid', '--real', ws['kinds'], '--fake', ck, '--n', '2', '--allow-random-weights'])[verb]
+    line = one_error(cli(w, *argv), str(ck), 'not a readable checkpoint (truncated or corrupt)')
+    assert 'pickle' not in line
+
+
+@pytest.mark.parametrize('verb', ['generate', 'fid', 'convert-weights'])
+def test_code_executing_pickles_refused(ws, verb):
+    w, ck = ws['root'], ws['root'] / 'evil.pt'
+    argv = dict(generate=['generate', '--checkpoint', ck, '--n', '2', '--out', w / 'gen_evil'],
+                fid=['fid', '--real', ws['kinds'], '--fake', ck, '--n', '2', '--allow-random-weights'],
+                **{'convert-weights': ['convert-weights', ck, w / 'conv_evil.pt']})[verb]
+    one_error(cli(w, *argv), str(ck), '--trust-pickle')
+    assert not (w / 'PWNED').exists()
+
+
+def test_corrupt_classifier_and_inception_weights(ws):
+    w = ws['root']
+    one_error(cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--inception-weights', w / 'truncated.pt'),
+              'truncated.pt', 'not a readable FID Inception weights file')
+    one_error(cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--metrics', 'fid_cxr', '--classifier', w / 'truncated.pt'),
+              'truncated.pt', 'not a readable classifier checkpoint')
+
+
+TINY = ['--profile', 'smoke', '--set', 'resolution=8', '--set', 'latent_dim=8', '--set', 'fmap_base=16', '--set', 'fmap_max=8',
+        '--set', 'kimg_stab=0.032', '--set', 'kimg_fade=0.032', '--set', 'kimg_last=0.064', '--set', 'checkpoint_kimg=0.016',
+        '--set', 'keep_checkpoints=20', '--set', 'sample_kimg=0', '--set', 'log_every=2', '--set', 'n_samples=4']
+
+
+def test_train_resume_skips_a_corrupt_checkpoint_and_refuses_other_networks(ws):
+    w = ws['root']
+    r = cli(w, 'train', '--data', ws['user'], '--run', 'res', *TINY)
+    assert r.returncode == 0, r.stderr
+    run = w / 'outputs' / 'checkpoints' / 'res'
+    cks = sorted(run.glob('ckpt_*.pt'))
+    newest = cks[-1]; newest.write_bytes(newest.read_bytes()[:1000])             # truncate the newest
+    r = cli(w, 'train', '--data', ws['user'], '--run', 'res', *TINY)
+    assert r.returncode == 0, r.stderr
+    assert f'skipping {newest}' in r.stderr and f'resuming from {cks[-2]}' in r.stdout
+    # a checkpoint of other networks, and a model file, given to --resume
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', 'res2', *TINY, '--set', 'latent_dim=16', '--resume', cks[-2]),
+              str(cks[-2]), 'cannot resume', 'latent_dim')
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', 'res3', *TINY, '--resume', run / 'final.pt'),
+              'final.pt', 'model file, not a training checkpoint')
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', 'res4', *TINY, '--resume', w / 'random.pt'), 'random.pt', 'truncated or corrupt')
+
+
+@pytest.mark.parametrize('verb', ['train', 'archive'])
+def test_kill_9_then_resume(ws, verb):
+    "A real SIGKILL mid-run, then the same command again: it finishes, with nothing duplicated or half-written."
+    w = ws['root']
+    argv = (['train', '--data', ws['user'], '--run', 'killed', *TINY, '--set', 'kimg_last=0.4'] if verb == 'train' else
+            ['archive', '--generator', ws['gan'], '--classifier', ws['clf'], '--n', '40', '--steps', '5', '--out', w / 'killed_archive'])
+    e = dict(os.environ, TQDM_DISABLE='1', CXR_PGGAN_OUTPUTS=str(w / 'outputs'), OMP_NUM_THREADS='1')
+    p = subprocess.Popen([sys.executable, '-m', 'cxr_pggan', *map(str, argv)], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = (w / 'outputs' / 'checkpoints' / 'killed') if verb == 'train' else (w / 'killed_archive' / 'records')
+    t0 = time.time()
+    while time.time() - t0 < 120 and p.poll() is None and not (watch.exists() and len(list(watch.glob('*'))) >= 3): time.sleep(0.1)
+    p.send_signal(signal.SIGKILL); p.wait()
+    r = cli(w, *argv)
+    assert r.returncode == 0, r.stderr
+    if verb == 'train':
+        assert 'resuming from' in r.stdout and (watch / 'final.pt').is_file()
+    else:
+        meta = pd.read_csv(w / 'killed_archive' / 'Data_Entry_2017.csv')
+        assert len(meta) == 40 and sorted(p.name for p in (w / 'killed_archive' / 'images').iterdir()) == sorted(meta['Image Index'])
+
+
+# ---- one clear line for every user error ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('case', ['empty', 'semicolon', 'fractions', 'label'])
+def test_split_errors(ws, case):
+    w = ws['root']
+    argv = dict(empty=['--metadata', w / 'empty.csv'], semicolon=['--metadata', w / 'semicolon.csv'],
+                fractions=['--metadata', ws['user'] / 'Data_Entry_2017.csv', '--fractions', '0.5', '0.6'],
+                label=['--metadata', w / 'badlabel.csv'])[case]
+    need = dict(empty=('empty.csv', 'empty'), semicolon=('semicolon.csv', "separated by ';'"), fractions=('--fractions', 'sum to 1'),
+                label=('badlabel.csv', "unknown finding 'Flu'"))[case]
+    one_error(cli(w, 'split', *argv, '--out', w / f'split_{case}'), *need)
+
+
+def test_split_warns_about_splits_without_positives(ws):
+    r = cli(ws['root'], 'split', '--metadata', ws['user'] / 'Data_Entry_2017.csv', '--out', ws['root'] / 'split_warn')
+    assert r.returncode == 0 and "has no image with Hernia" in r.stderr
+
+
+@pytest.mark.parametrize('argv, needles', [
+    (['generate', '--n', '-5'], ('--n', '>= 1')), (['generate', '--n', '0'], ('--n', '>= 1')), (['generate', '--n', '2', '--batch', '0'], ('--batch', '>= 1')),
+    (['generate', '--n', '2', '--device', 'cuda'], ('--device cuda', 'no CUDA device')),
+    (['generate', '--n', '2', '--out', '/sys/cxr_pggan_test'], ('/sys/cxr_pggan_test', 'permission denied')),
+])
+def test_generate_arguments(ws, argv, needles):
+    if 'cuda' in argv:
+        import torch
+        if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
+    argv = argv[:1] + ['--checkpoint', str(ws['gan'])] + argv[1:]
+    if '--out' not in argv: argv += ['--out', str(ws['root'] / 'gen_args')]
+    one_error(cli(ws['root'], *argv), *needles)
+
+
+def test_disk_full_is_one_line(ws, tmp_path):
+    "ENOSPC while writing (simulated at the atomic rename, where every output lands) names the file."
+    site = tmp_path / 'site'; site.mkdir()
+    (site / 'sitecustomize.py').write_text("import os\n_r = os.replace\n"
+                                           "def replace(a, b, *k, **kw):\n    raise OSError(28, 'No space left on device', str(b))\nos.replace = replace\n")
+    r = cli(ws['root'], 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', tmp_path / 'full', env=dict(PYTHONPATH=str(site)))
+    one_error(r, 'disk full while writing', str(tmp_path / 'full'))
+
+
+def test_fid_inputs(ws):
+    w = ws['root']
+    t0 = time.time()
+    one_error(cli(w, 'fid', '--real', ws['one'], '--fake', ws['kinds'], '--allow-random-weights'), str(ws['one']), '1 image(s)', 'at least 2')
+    assert time.time() - t0 < 30                                                   # refused before any network is loaded
+    one_error(cli(w, 'fid', '--real', w / 'splits' / 'splits.csv', '--fake', ws['kinds'], '--allow-random-weights'),
+              'is a splits file', '--splits', '--split')
+    one_error(cli(w, 'fid', '--real', ws['user'], '--fake', ws['kinds'], '--split', 'test', '--allow-random-weights'), '--split test', '--splits')
+    r = cli(w, 'fid', '--real', ws['user'], '--fake', ws['user'], '--split', 'test', '--splits', w / 'splits' / 'splits.csv',
+            '--allow-random-weights', '--kid-subsets', '0')
+    n_test = int((pd.read_csv(w / 'splits' / 'splits.csv')['split'] == 'test').sum())
+    assert r.returncode == 0 and f'N={n_test} vs N={n_test}' in r.stdout, r.stderr
+    # a metadata CSV that lists missing images: the advice names an option fid has, which then works
+    meta = pd.read_csv(ws['user'] / 'Data_Entry_2017.csv')
+    pd.concat([meta, meta.head(1).assign(**{'Image Index': 'missing.png'})]).to_csv(ws['user'] / 'with_missing.csv', index=False)
+    one_error(cli(w, 'fid', '--real', ws['user'] / 'with_missing.csv', '--fake', ws['kinds'], '--allow-random-weights'), 'missing', '--drop-missing')
+    r = cli(w, 'fid', '--real', ws['user'] / 'with_missing.csv', '--fake', ws['kinds'], '--allow-random-weights', '--drop-missing', '--kid-subsets', '0')
+    assert r.returncode == 0, r.stderr
+    (ws['user'] / 'with_missing.csv').unlink()
+
+
+def test_fid_warns_about_resolutions_12_bit_and_reports_classifier_init(ws, tmp_path):
+    w = ws['root']
+    r = cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['small'], '--allow-random-weights', '--kid-subsets', '0')
+    assert r.returncode == 0 and 'different resolutions (40² vs 32²)' in r.stderr, r.stderr
+    r = cli(w, 'fid', '--real', ws['twelve'], '--fake', ws['twelve'], '--allow-random-weights', '--kid-subsets', '0')
+    assert r.returncode == 0 and '12-bit' in r.stderr
+    r = cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--metrics', 'fid_cxr', '--classifier', ws['clf'], '--json', tmp_path / 'c.json')
+    assert r.returncode == 0, r.stderr
+    init = json.loads((tmp_path / 'c.json').read_text())['extractors']['classifier']['init_weights']
+    assert init.startswith('none: random initialisation (as recorded')
+
+
+def test_image_kinds_that_work(ws):
+    "RGBA, 16-bit and a JPEG with a .png name all decode; FID between the set and itself is 0."
+    r = cli(ws['root'], 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--allow-random-weights', '--kid-subsets', '0')
+    assert r.returncode == 0 and 'FID 0.000 (N=3 vs N=3)' in r.stdout, r.stdout + r.stderr
+
+
+def test_truncated_png_during_training(ws, tmp_path):
+    import shutil
+    bad = tmp_path / 'bad'; shutil.copytree(ws['user'], bad)
+    victim = bad / 'images' / '00000003_000.png'; victim.write_bytes(victim.read_bytes()[:60])
+    one_error(cli(ws['root'], 'train', '--data', bad, '--run', 'trunc', *TINY), str(victim), 'truncated or corrupt')
+    one_error(cli(ws['root'], 'train-classifier', '--profile', 'smoke', '--data', bad, '--set', 'batch_size=16', '--out', tmp_path / 'c.pt'),
+              str(victim), 'truncated or corrupt')
+
+
+def test_train_data_errors_and_help(ws, tmp_path):
+    _png(tmp_path / 'images' / '00000001_000.png', np.zeros((40, 40), np.uint8)); (tmp_path / 'Data_Entry_2017.csv').write_text('')
+    one_error(cli(ws['root'], 'train', '--data', tmp_path, '--run', 'empty', *TINY), 'Data_Entry_2017.csv', 'empty')
+    h = cli(ws['root'], 'train', '--help').stdout
+    for knob in ('adam_eps', 'ema_beta', 'fade_reals', 'precision', 'phantom_n', 'batch_sizes'): assert f'  {knob} = ' in h, knob
+
+
+def test_tqdm_disable_silences_training(ws):
+    r = cli(ws['root'], 'train', '--data', ws['user'], '--run', 'quiet', *TINY, env=dict(TQDM_DISABLE='1'))
+    assert r.returncode == 0 and 'kimg [' not in r.stderr and '%|' not in r.stderr
+
+
+def test_outputs_respect_the_umask(ws, tmp_path):
+    r = cli(ws['root'], 'generate', '--checkpoint', ws['gan'], '--n', '1', '--out', tmp_path / 'mode')
+    assert r.returncode == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / 'mode').iterdir()}
+    assert set(modes.values()) == {0o644}, modes                                    # pytest runs under umask 022
+
+
+def test_debug_shows_the_traceback(ws):
+    r = cli(ws['root'], 'generate', '--checkpoint', ws['root'] / 'truncated.pt', '--n', '1', '--out', ws['root'] / 'dbg', '--debug')
+    assert r.returncode != 0 and 'Traceback' in r.stderr
+
+
+def test_reproduce_shows_progress_without_transport_warnings(ws):
+    r = cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '[reproduce] 01_data: cell 1/' in r.stderr and 'without encryption' not in r.stderr and 'Passed unknown parameter' not in r.stderr
+    one_error(cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01', '-p', 'no_such_knob', '1'), 'no_such_knob', 'cxr-pggan params')
