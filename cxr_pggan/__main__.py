@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/04_main.ipynb #bb18a051
+# %% ../nbs/04_main.ipynb #b5af7c91
 import sys
 from .cli import main
 
-# %% ../nbs/04_main.ipynb #d2ca23cf
+# %% ../nbs/04_main.ipynb #96679c7c
 #| eval: false
 if __name__ == '__main__': sys.exit(main())
