@@ -88,14 +88,15 @@ def _protect(*paths):
 
 # ---- no command deletes or overwrites what it did not write --------------------------------------------------------
 
-@pytest.mark.parametrize('verb', ['phantom', 'archive', 'generate', 'split'])
+@pytest.mark.parametrize('verb', ['phantom', 'archive', 'generate', 'split', 'reproduce'])
 def test_writers_refuse_a_users_folder(ws, verb):
     u, w = ws['user'], ws['root']
     before = tree(u)
     argv = dict(phantom=['phantom', '--out', u, '--n', '16', '--size', '64'],
                 archive=['archive', '--generator', ws['gan'], '--classifier', ws['clf'], '--n', '3', '--out', u],
                 generate=['generate', '--checkpoint', ws['gan'], '--n', '2', '--out', u],
-                split=['split', '--metadata', u / 'Data_Entry_2017.csv', '--out', u])[verb]
+                split=['split', '--metadata', u / 'Data_Entry_2017.csv', '--out', u],
+                reproduce=['reproduce', '--profile', 'smoke', '--only', '01', '--out', u])[verb]
     one_error(cli(w, *argv), str(u), 'not empty', '--force')
     assert tree(u) == before
 
