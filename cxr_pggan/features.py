@@ -402,13 +402,14 @@ def stored_size(paths, k: int = 32) -> tuple[int, int] | None:
 
 # %% ../nbs/07a_features.ipynb #4756b76b
 def generator_features(checkpoint: str | Path, n: int, extractor: nn.Module, seed: int = 0, truncation: float | None = None,
-                       batch_size: int = 32, device=None, trust_pickle: bool = False) -> tuple[np.ndarray, dict]:
-    "Features of `n` images sampled from a PGGAN checkpoint (`cxr_pggan.pggan.sample_images`), and what was sampled."
+                       batch_size: int = 32, device=None, trust_pickle: bool = False, generator=None) -> tuple[np.ndarray, dict]:
+    """Features of `n` images sampled from a PGGAN checkpoint (`cxr_pggan.pggan.sample_images`), and what was sampled;
+    `generator`, when given, is that checkpoint already loaded (`as_image_generator`)."""
     from cxr_pggan.pggan import sample_images
     device = torch.device(device) if device is not None else default_device()
     extractor, info, feats = extractor.to(device).eval(), dict(checkpoint=str(checkpoint)), []
     with no_tf32(), torch.inference_mode():
-        for x in sample_images(checkpoint, n, seed, batch_size, device, truncation, trust_pickle, info):
+        for x in sample_images(checkpoint if generator is None else generator, n, seed, batch_size, device, truncation, trust_pickle, info):
             feats.append(extractor(x.to(device)).float().cpu().numpy())
     return np.concatenate(feats), info
 
@@ -416,7 +417,7 @@ def generator_features(checkpoint: str | Path, n: int, extractor: nn.Module, see
 def image_set(source: str | Path, n: int | None = None, seed: int = 0, split: str | None = None, splits=None,
               on_missing: str = 'raise', min_n: int = 2, trust_pickle: bool = False) -> dict:
     """What an image-set `source` is, checked before any feature is computed: `kind` ('generator': `path`, `n`,
-    `resolution`; 'images': `files`, `size`; 'stats': `path`), with at least `min_n` images."""
+    `resolution` and the loaded `generator`; 'images': `files`, `size`; 'stats': `path`), with at least `min_n` images."""
     p = Path(source)
     if p.suffix.lower() == '.npz':
         if not p.is_file(): raise FileNotFoundError(f"{p}: no such statistics file")
@@ -426,7 +427,7 @@ def image_set(source: str | Path, n: int | None = None, seed: int = 0, split: st
         if n < min_n: raise ValueError(f"--n {n}: a distance between two sets needs at least {min_n} images per set")
         from cxr_pggan.pggan import as_image_generator
         IG = as_image_generator(p, trust_pickle=trust_pickle)
-        return dict(kind='generator', path=str(p), n=n, resolution=IG.weights['resolution'])
+        return dict(kind='generator', path=str(p), n=n, resolution=IG.weights['resolution'], generator=IG)
     files = image_paths(p, n, seed, split, splits, on_missing)
     if len(files) < min_n:
         raise ValueError(f"{p}{f' (split {split})' if split else ''}: {len(files)} image(s); a distance between two sets needs at least {min_n} per set")
@@ -439,7 +440,8 @@ def set_features(source: str | Path | dict, extractor: nn.Module, n: int | None 
     s = source if isinstance(source, dict) else image_set(source, n, seed, trust_pickle=trust_pickle, **set_kw)
     if s['kind'] == 'stats': raise ValueError(f"{s['path']}: saved statistics hold no per-image features; give the images (or use cxr_pggan.metrics.FIDStats.load)")
     if s['kind'] == 'generator':
-        f, info = generator_features(s['path'], s['n'], extractor, seed=seed, batch_size=batch_size, device=device, trust_pickle=trust_pickle)
+        f, info = generator_features(s['path'], s['n'], extractor, seed=seed, batch_size=batch_size, device=device,
+                                     trust_pickle=trust_pickle, generator=s.get('generator'))
         return f, dict(kind='generator', **info)
     f = extract_features(s['files'], extractor, batch_size, num_workers, device, cache, desc=Path(s['path']).name or s['path'])
     return f, dict(kind='images', path=s['path'], n=s['n'], size=s['size'])

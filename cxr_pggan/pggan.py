@@ -553,13 +553,14 @@ def as_image_generator(G, latent_dim: int | None = None, output_range=None, trus
 # %% ../nbs/05_pggan.ipynb #07b14886
 @torch.no_grad()
 def sample_images(G, n: int, seed: int = 0, batch_size: int = 32, device=None, truncation: float | None = None,
-                  trust_pickle: bool = False, info: dict | None = None, desc: str | None = None):
+                  trust_pickle: bool = False, info: dict | None = None, desc: str | None = None, z: torch.Tensor | None = None):
     """Yield (B, C, H, W) uint8 batches of `n` images of `G` (anything `as_image_generator` takes) for the latents
-    `sample_z(n, latent_dim, seed, truncation)`, quantised exactly as written PNGs; `info` (a dict) receives what was sampled."""
+    `sample_z(n, latent_dim, seed, truncation)` (or the given `z`), quantised exactly as written PNGs; `info` (a dict)
+    receives what was sampled."""
     IG = as_image_generator(G, trust_pickle=trust_pickle)
     device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     IG = IG.to(device).eval()
-    z = sample_z(n, IG.latent_dim, seed, truncation)
+    z = sample_z(n, IG.latent_dim, seed, truncation) if z is None else z
     if info is not None: info.update(dict(IG.weights or {}), n=n, seed=seed, truncation=truncation)
     for s in progress(range(0, n, batch_size), desc=desc or f'sample {n}', unit='batch'):
         yield (IG(z[s:s + batch_size].to(device)).float() * 255).round_().to(torch.uint8).cpu()
@@ -580,11 +581,12 @@ def generate(checkpoint, n: int, out, truncation: float | None = None, seed: int
     out = Path(out); claim_folder(out, 'generate', force=force)
     for f in [f'{prefix}_{k:06d}.png' for k in range(n)] + ['latents.npy']: check_writable(out / f, out)
     w, files, k = IG.weights, [], 0
-    for b in sample_images(IG, n, seed, batch_size, device, truncation, desc=f"generate {n} @ {w['resolution']}²"):
+    z = sample_z(n, IG.latent_dim, seed, truncation)
+    for b in sample_images(IG, n, seed, batch_size, device, truncation, desc=f"generate {n} @ {w['resolution']}²", z=z):
         for a in (b[:, 0] if b.shape[1] == 1 else b.permute(0, 2, 3, 1)).numpy():
             p = out / f'{prefix}_{k:06d}.png'; _save_png(a, p); files.append(p.name); k += 1
     with atomic_path(out / 'latents.npy') as tmp:
-        with open(tmp, 'wb') as f: np.save(f, sample_z(n, IG.latent_dim, seed, truncation).numpy().astype(np.float32))
+        with open(tmp, 'wb') as f: np.save(f, z.numpy().astype(np.float32))
     info = dict(n=n, seed=seed, truncation=truncation, network=w['network'], resolution=w['resolution'],
                 channels=IG.G.cfg.channels if hasattr(IG.G, 'cfg') else None, output_range=list(IG.output_range), files=len(files), out=str(out))
     write_provenance(out / 'latents.npy', params=info, seed=seed, inputs=dict(checkpoint=checkpoint), weights={'generator': w})
