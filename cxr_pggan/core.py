@@ -11,11 +11,12 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['OWNER_FILE', 'PROFILE_NAMES', 'PROFILES', 'repo_root', 'outputs_dir', 'data_dir', 'shared_dir', 'atomic_path',
-           'atomic_write', 'OutputExistsError', 'claim_folder', 'is_foreign', 'check_writable', 'remove_owned',
-           'seed_everything', 'register_profile', 'profile_params', 'knob_names', 'section_params', 'clear_knobs',
-           'notebook_params', 'file_sha256', 'git_state', 'package_versions', 'device_info', 'provenance',
-           'write_provenance', 'payload_digest', 'CorruptFileError', 'torch_load', 'save_table', 'write_bench_json',
-           'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
+           'atomic_write', 'OutputExistsError', 'claim_folder', 'foreign_files', 'is_foreign', 'check_writable',
+           'remove_owned', 'seed_everything', 'register_profile', 'profile_params', 'knob_names', 'section_params',
+           'clear_knobs', 'notebook_params', 'file_sha256', 'git_state', 'package_versions', 'device_info',
+           'provenance', 'write_provenance', 'payload_digest', 'CorruptFileError', 'torch_load', 'save_table',
+           'write_bench_json', 'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device', 'cap_workers',
+           'parse_sets', 'one_line']
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
@@ -120,12 +121,16 @@ def claim_folder(folder: str | Path, writer: str, force: bool = False, adopt=Non
     return mark
 
 # %% ../nbs/00_core.ipynb #7b957bad
-def is_foreign(folder: str | Path, path: str | Path) -> bool:
-    "True when `path` (in a claimed `folder`) was there before the folder was claimed with --force."
+def foreign_files(folder: str | Path) -> frozenset[Path]:
+    "Resolved paths of the files recorded as foreign in `folder`'s mark (none when the folder has no mark)."
     mark_path = Path(folder) / OWNER_FILE
-    if not mark_path.is_file(): return False
-    rel = str(Path(path).resolve().relative_to(Path(folder).resolve())) if Path(path).is_absolute() else str(path)
-    return rel in set(json.loads(mark_path.read_text()).get('foreign', []))
+    if not mark_path.is_file(): return frozenset()
+    return frozenset((Path(folder) / r).resolve() for r in json.loads(mark_path.read_text()).get('foreign', []))
+
+# %% ../nbs/00_core.ipynb #fd2c1ce4
+def is_foreign(folder: str | Path, path: str | Path) -> bool:
+    "True when the file `path` (e.g. `folder / name`) was there before `folder` was claimed with --force."
+    return Path(path).resolve() in foreign_files(folder)
 
 # %% ../nbs/00_core.ipynb #6f9a1d49
 def check_writable(path: str | Path, folder: str | Path | None = None) -> Path:

@@ -9,11 +9,11 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 
 
-def cli(ws, *args, env=None, timeout=240):
+def cli(ws, *args, env=None, timeout=240, cwd=None):
     "`python -m cxr_pggan ARGS` with the workspace's outputs folder; returns the CompletedProcess."
     e = dict(os.environ, TQDM_DISABLE='1', MPLBACKEND='Agg', CXR_PGGAN_OUTPUTS=str(ws / 'outputs'), OMP_NUM_THREADS='1')
     e.pop('CXR_PGGAN_DEBUG', None); e.update(env or {})
-    return subprocess.run([sys.executable, '-m', 'cxr_pggan', *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout)
+    return subprocess.run([sys.executable, '-m', 'cxr_pggan', *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 
 def tree(folder) -> dict:
@@ -113,6 +113,17 @@ def test_force_writes_beside_but_never_over(ws):
     for p in (u / 'synthetic_000000.png', u / 'synthetic_000001.png', u / 'latents.npy', u / 'latents.npy.provenance.json', u / '.cxr_pggan.json'):
         p.unlink()
     assert tree(u) == before
+
+
+def test_force_never_overwrites_with_a_relative_out(ws):
+    "The foreign record holds names inside the folder; an --out given relative to the working directory still finds them."
+    w = ws['root']; u = w / 'relative_user'; u.mkdir()
+    (u / 'synthetic_000000.png').write_bytes(b'a file of the user')
+    before = tree(u)
+    one_error(cli(w, 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', 'relative_user', '--force', cwd=w),
+              'synthetic_000000.png', 'never overwritten')
+    after = tree(u)
+    assert all(after[k] == v for k, v in before.items())
 
 
 @pytest.mark.parametrize('verb', ['train-classifier', 'convert-weights', 'fid-json', 'bench-json'])
