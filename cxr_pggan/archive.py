@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, math, os, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import (CLIParser, atomic_path, atomic_write, check_device, check_writable, claim_folder, dist_env, file_sha256, is_foreign, positive_int,
+from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int,
                             progress, register_profile, remove_owned, write_provenance, seed_everything)
 from .data import LABELS, FINDINGS
 from .experiment import artifact
@@ -138,7 +138,7 @@ def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps
     best = min(cands, key=lambda d: gap(d['labels'])) if gap is not None else cands[0]
     i = best['j']
     names = [f'{pid:08d}_{fu:03d}.png' for fu in range(k)]
-    for nm in names: check_writable(out / 'images' / nm, out)          # never over a file that was there before (--force)
+    check_all_writable([out / 'images' / nm for nm in names], out)     # never over a file that was there before (--force)
     for arr, nm in zip(best['arrs'], names): _write_png(arr, out / 'images' / nm)
     logits = _classify_files(clf, [out / 'images' / nm for nm in names], device)
     labs = final_labels(logits, clf.thresholds.cpu(), clf.labels)
@@ -157,9 +157,9 @@ def _load_records(rec_dir: Path) -> dict[int, dict]:
 
 def _cleanup_tmp(folder: Path) -> int:
     "Delete temporary files left by a killed run (atomic writes use hidden '.<name>.*.tmp' names)."
-    n = 0
+    n, foreign = 0, foreign_files(folder.parent)
     for p in folder.glob('.*.tmp'):
-        if is_foreign(folder.parent, p): continue
+        if p.resolve() in foreign: continue
         try: p.unlink(); n += 1
         except FileNotFoundError: pass
     return n
@@ -295,7 +295,8 @@ def finalise_archive(out: str | Path) -> dict:
     names = set(df['Image Index'])
     _cleanup_tmp(out / 'images')
     import re
-    ours = lambda p: re.fullmatch(r'\d{8}_\d{3}\.png', p.name) and not is_foreign(out, p)   # names this writer gives; never a user's file
+    foreign = foreign_files(out)
+    ours = lambda p: re.fullmatch(r'\d{8}_\d{3}\.png', p.name) and p.resolve() not in foreign   # names this writer gives; never a user's file
     strays = [p for p in (out / 'images').glob('*.png') if ours(p) and p.name not in names]
     for p in strays: p.unlink()
     on_disk = {p.name for p in (out / 'images').glob('*.png') if ours(p)}
@@ -303,7 +304,7 @@ def finalise_archive(out: str | Path) -> dict:
         raise RuntimeError(f"{out}: archive inconsistent: {len(on_disk)} PNGs, {len(df)} rows, n={plan['n']}, "
                            f"missing files {sorted(names - on_disk)[:5]}; delete the folder and rebuild")
     csv = out / CSV_NAME
-    for f in (csv, out / 'prevalence.csv'): check_writable(f, out)
+    check_all_writable([csv, out / 'prevalence.csv'], out)
     with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
     prev = pd.Series(plan['reference_prevalence'])
     t = prevalence_table(df, prev, plan['tolerance'])

@@ -12,11 +12,11 @@ import numpy as np
 # %% auto #0
 __all__ = ['OWNER_FILE', 'PROFILE_NAMES', 'PROFILES', 'repo_root', 'outputs_dir', 'data_dir', 'shared_dir', 'atomic_path',
            'atomic_write', 'OutputExistsError', 'claim_folder', 'foreign_files', 'is_foreign', 'check_writable',
-           'remove_owned', 'seed_everything', 'register_profile', 'profile_params', 'knob_names', 'section_params',
-           'clear_knobs', 'notebook_params', 'file_sha256', 'git_state', 'package_versions', 'device_info',
-           'provenance', 'write_provenance', 'payload_digest', 'CorruptFileError', 'torch_load', 'save_table',
-           'write_bench_json', 'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device', 'cap_workers',
-           'parse_sets', 'one_line']
+           'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile', 'profile_params', 'knob_names',
+           'section_params', 'clear_knobs', 'notebook_params', 'file_sha256', 'git_state', 'package_versions',
+           'device_info', 'provenance', 'write_provenance', 'payload_digest', 'CorruptFileError', 'torch_load',
+           'save_table', 'write_bench_json', 'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device',
+           'cap_workers', 'parse_sets', 'one_line']
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
@@ -133,13 +133,10 @@ def is_foreign(folder: str | Path, path: str | Path) -> bool:
     return Path(path).resolve() in foreign_files(folder)
 
 # %% ../nbs/00_core.ipynb #6f9a1d49
-def check_writable(path: str | Path, folder: str | Path | None = None) -> Path:
-    """Refuse to write `path` when it exists and is not ours: a file recorded as foreign in `folder`'s mark,
-    or (no `folder`) a file without its `.provenance.json` beside it."""
-    path = Path(path)
+def _writable(path: Path, foreign: frozenset | None) -> Path:
     if not path.exists(): return path
-    if folder is not None:
-        if is_foreign(folder, path):
+    if foreign is not None:
+        if path.resolve() in foreign:
             raise OutputExistsError(f"{path} was there before this command (recorded as foreign with --force); it is never overwritten: "
                                     "move it away or choose another folder")
         return path
@@ -148,6 +145,16 @@ def check_writable(path: str | Path, folder: str | Path | None = None) -> Path:
         raise OutputExistsError(f"{path} exists and was not written by cxr-pggan (no {path.name}.provenance.json beside it); "
                                 "remove it yourself or choose another path")
     return path
+
+def check_writable(path: str | Path, folder: str | Path | None = None) -> Path:
+    """Refuse to write `path` when it exists and is not ours: a file recorded as foreign in `folder`'s mark,
+    or (no `folder`) a file without its `.provenance.json` beside it."""
+    return _writable(Path(path), None if folder is None else foreign_files(folder))
+
+def check_all_writable(paths, folder: str | Path | None = None) -> list[Path]:
+    "`check_writable` for many paths, reading `folder`'s mark once."
+    foreign = None if folder is None else foreign_files(folder)
+    return [_writable(Path(p), foreign) for p in paths]
 
 # %% ../nbs/00_core.ipynb #e5a13551
 def remove_owned(folder: str | Path, writer: str) -> bool:

@@ -421,13 +421,13 @@ def split_cli(argv: list[str]) -> int:
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out folder beside its files (never changing them)')
     a = ap.parse_args(argv)
-    from cxr_pggan.core import claim_folder, check_writable
+    from cxr_pggan.core import claim_folder, check_all_writable
     fr = np.asarray(a.fractions, np.float64)
     if not a.halves and (len(fr) < 2 or (fr <= 0).any() or abs(fr.sum() - 1) > 1e-6):
         raise ValueError(f"--fractions {' '.join(map(str, a.fractions))}: give two or more positive numbers that sum to 1, e.g. 0.7 0.1 0.2")
     df = load_metadata(a.metadata)
     claim_folder(a.out, 'split', force=a.force)
-    for f in ('splits.csv', 'split_report.csv'): check_writable(Path(a.out) / f, a.out)
+    check_all_writable([Path(a.out) / f for f in ('splits.csv', 'split_report.csv')], a.out)
     path = write_splits(df, a.out, a.fractions, a.seed, a.halves, a.names)
     rep = pd.read_csv(Path(a.out) / 'split_report.csv', index_col=0)
     print(rep[['images', 'patients', 'share']].to_string())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import (CLIParser, atomic_path, check_device, check_writable, claim_folder, file_sha256, payload_digest, positive_int,
+from .core import (CLIParser, atomic_path, check_all_writable, check_device, check_writable, claim_folder, file_sha256, payload_digest, positive_int,
                             progress, torch_load, write_provenance)
 
 # %% auto #0
@@ -579,7 +579,7 @@ def generate(checkpoint, n: int, out, truncation: float | None = None, seed: int
     if n < 1 or batch_size < 1: raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     IG = as_image_generator(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
     out = Path(out); claim_folder(out, 'generate', force=force)
-    for f in [f'{prefix}_{k:06d}.png' for k in range(n)] + ['latents.npy']: check_writable(out / f, out)
+    check_all_writable([out / f for f in [f'{prefix}_{k:06d}.png' for k in range(n)] + ['latents.npy']], out)
     w, files, k = IG.weights, [], 0
     z = sample_z(n, IG.latent_dim, seed, truncation)
     for b in sample_images(IG, n, seed, batch_size, device, truncation, desc=f"generate {n} @ {w['resolution']}²", z=z):

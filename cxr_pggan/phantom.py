@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from types import SimpleNamespace
 from PIL import Image, ImageDraw, ImageFont, ImageFilter
 
-from .core import CLIParser, atomic_path, atomic_write, check_writable, claim_folder, data_dir, file_sha256, is_foreign, progress
+from .core import CLIParser, atomic_path, atomic_write, check_all_writable, check_writable, claim_folder, data_dir, file_sha256, foreign_files, progress
 from .data import FINDINGS, LABELS, load_metadata, default_metadata_path
 
 # %% auto #0
@@ -809,8 +809,7 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
     meta = _metadata(metadata)
     rows = sample_patients(meta, n, seed, enrich)
     img_dir = out / 'images'
-    for f in [out / MANIFEST, out / 'phantom_truth.csv', out / 'Data_Entry_2017.csv'] + [img_dir / r for r in rows['Image Index']]:
-        check_writable(f, out)
+    check_all_writable([out / MANIFEST, out / 'phantom_truth.csv', out / 'Data_Entry_2017.csv'] + [img_dir / r for r in rows['Image Index']], out)
     ours_before = set(pd.read_csv(out / 'Data_Entry_2017.csv', usecols=['Image Index'])['Image Index']) \
         if (out / MANIFEST).is_file() and (out / 'Data_Entry_2017.csv').is_file() else set()
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -830,10 +829,10 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
             for res in pool.imap(_render_chunk, jobs):
                 truth += res; bar.update(len(res))
     bar.close(); dt = time.time() - t0
-    keep = set(rows['Image Index'])
+    keep, foreign = set(rows['Image Index']), foreign_files(out)
     for name in ours_before - keep:                           # PNGs of our earlier render with other parameters (never anyone else's)
         f = img_dir / name
-        if f.is_file() and not is_foreign(out, f): f.unlink()
+        if f.is_file() and f.resolve() not in foreign: f.unlink()
     T = pd.DataFrame(truth).reindex(columns=TRUTH_COLUMNS)
     with atomic_path(out / 'phantom_truth.csv') as tmp: T.to_csv(tmp, index=False, float_format='%.4f')
     with atomic_path(out / 'Data_Entry_2017.csv') as tmp: _nih_frame(rows, T, size).to_csv(tmp, index=False)
