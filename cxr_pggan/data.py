@@ -14,8 +14,9 @@ from .core import (CLIParser, atomic_path, atomic_write, data_dir, file_sha256, 
 __all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'SPLIT_COLUMNS', 'MetadataError', 'default_metadata_path',
            'parse_labels', 'load_metadata', 'label_matrix', 'MissingImagesError', 'index_images', 'find_images',
            'metadata_in', 'load_folder', 'ImageDecodeError', 'read_image', 'paper_augment', 'CXRDataset',
-           'patient_counts', 'refine_split', 'patient_split', 'split_report', 'max_prevalence_drift', 'empty_positives',
-           'write_splits', 'load_splits', 'prevalence_table', 'plot_prevalence', 'split_cli', 'bench_split_cli']
+           'valid_fractions', 'patient_counts', 'refine_split', 'patient_split', 'split_report', 'max_prevalence_drift',
+           'empty_positives', 'write_splits', 'load_splits', 'prevalence_table', 'plot_prevalence', 'split_cli',
+           'bench_split_cli']
 
 # %% ../nbs/01_data.ipynb #6f87cf9d
 FINDINGS = ['Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
@@ -250,6 +251,12 @@ class CXRDataset(Dataset):
         if self.channels == 3: x = x.expand(3, -1, -1).contiguous()
         return x, self.y[i]
 
+# %% ../nbs/01_data.ipynb #e01c5985
+def valid_fractions(fractions) -> bool:
+    "Split fractions are two or more positive numbers summing to 1 (within 1e-6)."
+    f = np.asarray(fractions, np.float64)
+    return f.ndim == 1 and len(f) >= 2 and bool((f > 0).all()) and abs(f.sum() - 1) <= 1e-6
+
 # %% ../nbs/01_data.ipynb #2323a8b6
 _THRESHOLDS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -298,13 +305,13 @@ def refine_split(assign, n, C, fractions, max_moves: int = 20000):
         moves += 1
     return assign, moves
 
-# %% ../nbs/01_data.ipynb #11653595
+# %% ../nbs/01_data.ipynb #56ea7974
 def patient_split(df: pd.DataFrame, fractions=(0.7, 0.1, 0.2), names=None, seed: int = 0,
                   labels=LABELS, refine: bool = True, max_moves: int = 20000) -> pd.Series:
     "Split name per image (aligned with `df`): patient-level iterative stratification, then drift refinement."
     from iterstrat.ml_stratifiers import IterativeStratification
     fractions = np.asarray(fractions, np.float64)
-    if fractions.ndim != 1 or len(fractions) < 2 or (fractions <= 0).any() or abs(fractions.sum() - 1) > 1e-6:
+    if not valid_fractions(fractions):
         raise ValueError(f"fractions must be ≥2 positive numbers summing to 1, got {fractions.tolist()}")
     names = _split_names(fractions, names)
     ids, n, C, inv = patient_counts(df, labels)
@@ -410,7 +417,7 @@ def plot_prevalence(tables: dict[str, pd.DataFrame], path: str | Path) -> Path:
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/01_data.ipynb #3d1e84e5
+# %% ../nbs/01_data.ipynb #f534d396
 def split_cli(argv: list[str]) -> int:
     ap = CLIParser(prog='cxr-pggan split', description='Patient-level iterative-stratified splits of NIH-style metadata -> DIR/splits.csv')
     ap.add_argument('--metadata', help='Data_Entry CSV (2017, v2020 or Kaggle layout); default: the NIH v2020 table shipped in torchxrayvision')
@@ -422,8 +429,7 @@ def split_cli(argv: list[str]) -> int:
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out folder beside its files (never changing them)')
     a = ap.parse_args(argv)
     from cxr_pggan.core import claim_folder, check_all_writable
-    fr = np.asarray(a.fractions, np.float64)
-    if not a.halves and (len(fr) < 2 or (fr <= 0).any() or abs(fr.sum() - 1) > 1e-6):
+    if not a.halves and not valid_fractions(a.fractions):
         raise ValueError(f"--fractions {' '.join(map(str, a.fractions))}: give two or more positive numbers that sum to 1, e.g. 0.7 0.1 0.2")
     df = load_metadata(a.metadata)
     claim_folder(a.out, 'split', force=a.force)
