@@ -426,7 +426,6 @@ class CLIParser(argparse.ArgumentParser):
 # %% ../nbs/00_core.ipynb #2c20fefa
 def positive_int(text: str) -> int:
     "argparse type: an integer >= 1."
-    import argparse
     try: v = int(text)
     except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if v < 1: raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
