@@ -496,7 +496,10 @@ def serve(study: str | Path, host: str = '127.0.0.1', port: int = 8765, threads:
     import logging
     app = make_app(study)
     logging.getLogger('waitress').setLevel(logging.WARNING)
-    srv = create_server(app, host=host, port=port, threads=threads, ident='', clear_untrusted_proxy_headers=True)
+    try: srv = create_server(app, host=host, port=port, threads=threads, ident='', clear_untrusted_proxy_headers=True)
+    except OSError as e:
+        raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another --port (0 = any free port) "
+                      "or stop the program that uses it") from None
     shown = '127.0.0.1' if host in ('localhost',) else host
     print(f"[study] serving {Path(study)} on http://{shown}:{srv.effective_port}/ (stop with Ctrl-C)", flush=True)
     if host not in ('127.0.0.1', 'localhost', '::1'):
