@@ -658,7 +658,7 @@ def analyse(answers: pd.DataFrame, n_boot: int = 10_000, seed: int = 0, conf: fl
     "The reader-study table: every statistic for all readers and each role, CIs, one-sided tests, the paper's numbers and (simulated readers) the rates to recover."
     from scipy.stats import binomtest
     df = answers.reset_index(drop=True); E = _expected(df)
-    kind_readers = 'simulated readers' if df['simulated'].all() else ('people' if not df['simulated'].any() else 'people and simulated readers')
+    kind_readers = 'simulated readers' if df['simulated'].all() else ('human readers' if not df['simulated'].any() else 'human and simulated readers')
     groups = [('all', df.index)] + [(r, df.index[df['role'] == r]) for r in ROLES if (df['role'] == r).any()]
     rows = []
     for g, idx in groups:
