@@ -150,6 +150,8 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
     if not isinstance(display, (int, np.integer)) or not 16 <= display <= 2048: raise ValueError(f"--display must be 16..2048 pixels, got {display!r}")
     if not re.match(r'^https?://[^\s/]+(/[^\s]*)?$', url or ''): raise ValueError(f"--url {url!r}: give the address readers open, e.g. https://study.example.org or http://127.0.0.1:8765")
     reals, fakes = _image_list(real, 'real'), _image_list(fake, 'fake')
+    both = {str(Path(p).resolve()) for p in reals if isinstance(p, (str, Path))} & {str(Path(p).resolve()) for p in fakes if isinstance(p, (str, Path))}
+    if both: raise ValueError(f"--real and --fake share {len(both)} image file(s), e.g. {sorted(both)[0]}; give two separate sets")
     items = design_study(len(reals), len(fakes), grids, grid_size, pairs, seed)       # checks the pool sizes before writing
     if (out / DB_NAME).exists():
         raise OutputExistsError(f"{out} already holds a reader study ({DB_NAME}); it is never overwritten: choose another --out")

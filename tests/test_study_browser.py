@@ -4,7 +4,7 @@ Skips when Chromium is absent, unless CXR_PGGAN_REQUIRE_BROWSER=1 (CI), where a 
 import os, shutil, time
 from pathlib import Path
 
-import numpy as np, pytest
+import pytest
 
 from cxr_pggan import study as S
 
@@ -48,9 +48,13 @@ def wait_for(drv, cond, timeout=15):
 def test_reader_page_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    rng = np.random.default_rng(0)
-    reals = [(rng.random((64, 64)) * 120 + 100).astype(np.uint8) for _ in range(20)]
-    fakes = [(rng.random((64, 64)) * 255).astype(np.uint8) for _ in range(20)]
+    from cxr_pggan.core import section_params
+    from cxr_pggan.experiment import resolve_dataset
+    from cxr_pggan.latent import random_networks
+    from cxr_pggan.pggan import sample_images
+    reals = list(resolve_dataset(section_params('smoke', 'dataset')).frame['path'][:20])      # smoke phantom x-rays
+    gan, _ = random_networks(tmp_path / 'nets', 32)                                          # an untrained PGGAN's images
+    fakes = [x.numpy() for b in sample_images(gan, 20, device='cpu') for x in b]
     m = S.create_study(tmp_path / 'study', reals, fakes, grids=2, grid_size=6, pairs=3, display=160, seed=0)
     r = S.add_reader(m['study'], 'Dr Browser', 'consultant')
     drv = browser
