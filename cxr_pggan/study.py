@@ -14,10 +14,11 @@ from .experiment import artifact, find_artifact      # registers the shared 'dat
 
 # %% auto #0
 __all__ = ['DB_NAME', 'IMAGES_DIR', 'WRITER', 'ROLES', 'SCHEMA_VERSION', 'PNG_LEVEL', 'TOKEN_RE', 'NAME_RE', 'SCHEMA',
-           'STATISTICS', 'PAPER', 'study_db', 'connect', 'read_meta', 'display_image', 'encode_png', 'png_chunks',
-           'design_study', 'create_study', 'add_reader', 'readers', 'make_app', 'serve', 'StudyServer', 'http',
-           'image_truth', 'simulate_reader', 'simulate_readers', 'load_answers', 'clopper_pearson', 'two_way_bootstrap',
-           'analyse', 'export_answers', 'reader_study_figure', 'resolve_study', 'generated_images', 'study_cli']
+           'STATISTICS', 'PAPER', 'study_db', 'connect', 'read_meta', 'native_side', 'display_image', 'encode_png',
+           'png_chunks', 'design_study', 'create_study', 'add_reader', 'readers', 'make_app', 'serve', 'StudyServer',
+           'http', 'image_truth', 'simulate_reader', 'simulate_readers', 'load_answers', 'clopper_pearson',
+           'two_way_bootstrap', 'analyse', 'export_answers', 'reader_study_figure', 'resolve_study', 'generated_images',
+           'study_cli']
 
 # %% ../nbs/13_reader_study.ipynb #b61f433f
 DB_NAME = 'study.sqlite'                 # the database: design, truth, readers, assignments, answers
@@ -86,12 +87,24 @@ def _as_grey(src) -> np.ndarray:
     if np.asarray(src).dtype == np.uint16: return a.astype(np.float32) / 65535
     return np.clip(a.astype(np.float32), 0, 1)
 
-def display_image(src, size: int) -> np.ndarray:
-    "`src` as the study shows it: (size, size) uint8 grey, centre-cropped to a square and resampled with Lanczos."
+def native_side(src) -> int:
+    "The shorter side in pixels of an image file (read from its header) or array."
+    if isinstance(src, (str, Path)):
+        from PIL import Image
+        try:
+            with Image.open(src) as im: return min(im.size)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise OSError(f"{src}: cannot read image ({type(e).__name__}: {e}); the file is truncated or corrupt — remove it") from None
+    return min(_as_grey(src).shape)
+
+def display_image(src, size: int, via: int | None = None) -> np.ndarray:
+    """`src` as the study shows it: (size, size) uint8 grey, centre-cropped to a square and resampled with Lanczos;
+    with `via` smaller than the image, first reduced to via×via (so every image shows the detail of the coarsest set)."""
     from PIL import Image
     a = _as_grey(src); h, w = a.shape; s = min(h, w)
-    a = a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    r = np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32), 'F').resize((size, size), Image.LANCZOS))
+    im = Image.fromarray(np.ascontiguousarray(a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s], np.float32), 'F')
+    if via is not None and via < s: im = im.resize((via, via), Image.LANCZOS)
+    r = np.asarray(im.resize((size, size), Image.LANCZOS))
     return np.clip(np.round(r * 255), 0, 255).astype(np.uint8)
 
 def encode_png(u8: np.ndarray) -> bytes:
@@ -143,9 +156,11 @@ def _image_list(src, what: str) -> list:
     return out
 
 def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6, pairs: int = 20, display: int = 260,
-                 seed: int = 0, url: str = 'http://127.0.0.1:8765', force: bool = False, note: str | None = None) -> dict:
+                 seed: int = 0, url: str = 'http://127.0.0.1:8765', force: bool = False, note: str | None = None,
+                 match_resolution: bool = True) -> dict:
     """Create a reader study in the folder `out` from `real` and `fake` (folders, CSVs, or lists of files/arrays).
-    Returns `{'study', 'db', 'admin_token', 'items', 'images'}`. Refuses a folder that already holds a study."""
+    `match_resolution`: when some chosen image is smaller than `display`, every image is first reduced to the smallest one's size.
+    Returns `{'study', 'db', 'admin_token', 'items', 'images', 'via'}`. Refuses a folder that already holds a study."""
     out = Path(out).expanduser()
     if not isinstance(display, (int, np.integer)) or not 16 <= display <= 2048: raise ValueError(f"--display must be 16..2048 pixels, got {display!r}")
     if not re.match(r'^https?://[^\s/]+(/[^\s]*)?$', url or ''): raise ValueError(f"--url {url!r}: give the address readers open, e.g. https://study.example.org or http://127.0.0.1:8765")
@@ -158,11 +173,18 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
     claim_folder(out, WRITER, force=force)
     check_writable(out / DB_NAME, out)
     img_dir = out / IMAGES_DIR; img_dir.mkdir(exist_ok=True)
+    chosen = [(r, i) for it in items for r, i in it['images']]
+    sides = {k: native_side((reals if k[0] else fakes)[k[1]]) for k in chosen}
+    side_r, side_f = [min((v for k, v in sides.items() if k[0] == r), default=0) for r in (True, False)]
+    via = min(sides.values()) if match_resolution and min(sides.values()) < display else None
+    if via is not None and max(sides.values()) > via:
+        print(f"[study] the smallest images are {via} px (real: {side_r} px, generated: {side_f} px, shorter side): every image is reduced "
+              f"to {via}×{via} before it is shown at {display}×{display}, so sharpness does not tell the sets apart (--no-match-resolution: off)")
     rows, names = [], {}
     for it in progress(items, desc='study images', unit='item'):
         for is_real, i in it['images']:
             src = (reals if is_real else fakes)[i]
-            data = encode_png(display_image(src, display))
+            data = encode_png(display_image(src, display, via))
             name = secrets.token_hex(16) + '.png'
             atomic_write(img_dir / name, data)
             names[(is_real, i)] = name
@@ -171,7 +193,8 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
     order = np.random.default_rng([seed, 1]).permutation(len(rows))               # image ids say nothing about truth either
     admin = secrets.token_urlsafe(24)
     meta = dict(schema_version=SCHEMA_VERSION, created=_now(), admin_token=admin, url=url.rstrip('/'),
-                design=dict(grids=grids, grid_size=grid_size, pairs=pairs, display=display, seed=seed, p_real_cell=0.5),
+                design=dict(grids=grids, grid_size=grid_size, pairs=pairs, display=display, seed=seed, p_real_cell=0.5,
+                            match_resolution=match_resolution, reduced_to=via, native_side=dict(real=side_r, generated=side_f)),
                 sources=dict(real=str(real) if isinstance(real, (str, Path)) else f'{len(reals)} images given in memory',
                              fake=str(fake) if isinstance(fake, (str, Path)) else f'{len(fakes)} images given in memory'),
                 note=note)
@@ -197,7 +220,7 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
             w = tmp.with_name(tmp.name + extra)
             if w.exists(): w.unlink()
     os.chmod(out / DB_NAME, 0o600)                        # the truth and the tokens: readable by the study's owner only
-    return dict(study=out, db=out / DB_NAME, admin_token=admin, items=len(items), images=len(rows))
+    return dict(study=out, db=out / DB_NAME, admin_token=admin, items=len(items), images=len(rows), via=via)
 
 # %% ../nbs/13_reader_study.ipynb #241ba9db
 def add_reader(study: str | Path, name: str, role: str = 'other', simulation: dict | None = None) -> dict:
@@ -748,13 +771,13 @@ def reader_study_figure(table: pd.DataFrame, title_note: str = ''):
 # %% ../nbs/13_reader_study.ipynb #9e68bb0f
 _SIM = lambda role, a, b, c, k: dict(name=f'simulated {role} {k}', role=role, real_called_real=a, generated_called_real=b, pair_correct=c)
 register_profile('reader_study',
-    smoke=dict(study_path=None, generator='random', real_split='all', grids=2, grid_size=6, pairs=4, display_size=64,
+    smoke=dict(study_path=None, generator='random', real_split='all', grids=2, grid_size=6, pairs=4, display_size=64, match_resolution=True,
                simulated_readers=[_SIM('consultant', 0.8, 0.3, 0.8, 1), _SIM('registrar', 0.7, 0.4, 0.7, 1), _SIM('registrar', 0.6, 0.5, 0.6, 2)],
                n_boot=2000, seed=0),
-    demo=dict(study_path=None, generator='auto', real_split='test', grids=6, grid_size=6, pairs=20, display_size=260,
+    demo=dict(study_path=None, generator='auto', real_split='test', grids=6, grid_size=6, pairs=20, display_size=260, match_resolution=True,
               simulated_readers=[_SIM('consultant', 0.80, 0.35, 0.75, k) for k in (1, 2, 3)] + [_SIM('registrar', 0.70, 0.42, 0.68, k) for k in (1, 2, 3, 4, 5)],
               n_boot=10_000, seed=0),
-    paper=dict(study_path='studies/reader_study', generator='auto', real_split='test', grids=6, grid_size=6, pairs=20, display_size=260,
+    paper=dict(study_path='studies/reader_study', generator='auto', real_split='test', grids=6, grid_size=6, pairs=20, display_size=260, match_resolution=True,
                simulated_readers=[], n_boot=10_000, seed=0));
 
 # %% ../nbs/13_reader_study.ipynb #2ee047ea
@@ -799,6 +822,8 @@ def study_cli(argv: list[str]) -> int:
     c.add_argument('--seed', type=int, default=0, help='sampling seed (default 0)')
     c.add_argument('--url', default='http://127.0.0.1:8765', help='the address readers open, used in their links (default http://127.0.0.1:8765; '
                    'e.g. https://study.example.org behind a reverse proxy)')
+    c.add_argument('--no-match-resolution', action='store_true', help='do not reduce every image to the smallest image size first '
+                   '(by default, when some image is smaller than --display, all are, so sharpness does not give a set away)')
     c.add_argument('--force', action='store_true', help='create the study in a non-empty folder beside its files (never changing them)')
     r = sub.add_parser('add-reader', help="add a reader and print their personal link")
     r.add_argument('study'); r.add_argument('--name', required=True); r.add_argument('--role', required=True, choices=ROLES)
@@ -814,7 +839,7 @@ def study_cli(argv: list[str]) -> int:
         for k in ('real', 'fake'):
             p = Path(getattr(a, k)).expanduser()
             if not p.exists(): raise FileNotFoundError(f"--{k} {p}: no such folder; give a folder of {'real' if k == 'real' else 'generated'} images")
-        m = create_study(a.out, a.real, a.fake, a.grids, a.grid_size, a.pairs, a.display, a.seed, a.url, a.force)
+        m = create_study(a.out, a.real, a.fake, a.grids, a.grid_size, a.pairs, a.display, a.seed, a.url, a.force, match_resolution=not a.no_match_resolution)
         print(f"[study] {m['study']}: {m['items']} items ({a.grids} grids of {a.grid_size}, {a.pairs} pairs), {m['images']} images at {a.display}px")
         print(f"[study] admin token (progress view {a.url.rstrip('/')}/admin?token=...; keep it private): {m['admin_token']}")
         print(f"[study] next: cxr-pggan study add-reader {m['study']} --name NAME --role consultant|registrar|other; then cxr-pggan study serve {m['study']}")
