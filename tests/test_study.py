@@ -188,16 +188,33 @@ def test_two_readers_concurrently(tmp_path, sources):
 
 
 def test_sigkill_loses_nothing_and_resumes(tmp_path, sources):
-    m = make_study(tmp_path, sources)
-    a, b = (S.add_reader(m['study'], n, 'consultant') for n in ('K1', 'K2'))
+    m = make_study(tmp_path, sources, grids=6, pairs=20)
+    a, b, c = (S.add_reader(m['study'], n, 'consultant') for n in ('K1', 'K2', 'K3'))
     srv = S.StudyServer(m['study']).start()
+    acked, stop = [], threading.Event()
+    def busy_reader():                                                     # K3 answers as fast as it can while the server dies
+        try:
+            while not stop.is_set():
+                st, _, bb = S.http('GET', f"{srv.url}/api/next?token={c['token']}", timeout=5); j = json.loads(bb)
+                if j['done']: return
+                st, _, bb = S.http('POST', f"{srv.url}/api/answer", dict(token=c['token'], item=j['item'], real=[0]), timeout=5)
+                if st == 200: acked.append(j['item'])
+        except Exception: return                                           # connection refused/reset: the server is gone
     try:
         walk(srv.url, a['token'], limit=5); walk(srv.url, b['token'], limit=2)
         nxt = {r['token']: json.loads(S.http('GET', f"{srv.url}/api/next?token={r['token']}")[2])['item'] for r in (a, b)}
-        srv.kill()                                                         # SIGKILL: no shutdown code runs
+        t = threading.Thread(target=busy_reader); t.start()
+        for _ in range(3000):
+            if len(acked) >= 3 or not t.is_alive(): break
+            threading.Event().wait(0.01)
+        assert len(acked) >= 3, 'the busy reader did not get going'
+        srv.kill()                                                         # SIGKILL mid-study: no shutdown code runs
+        stop.set(); t.join(30)
     finally: srv.stop()
     assert srv.proc.returncode == -9
     assert n_answers(m['study'], 'K1') == 5 and n_answers(m['study'], 'K2') == 2
+    stored = set(S.load_answers(m['study']).query("reader == 'K3'")['item'])
+    assert set(acked) <= stored and len(stored) <= len(acked) + 1            # every acknowledged answer kept; at most the one in flight more
     with S.StudyServer(m['study']) as srv2:
         for r in (a, b):
             j = json.loads(S.http('GET', f"{srv2.url}/api/next?token={r['token']}")[2])
