@@ -163,7 +163,9 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
     Returns `{'study', 'db', 'admin_token', 'items', 'images', 'via'}`. Refuses a folder that already holds a study."""
     out = Path(out).expanduser()
     if not isinstance(display, (int, np.integer)) or not 16 <= display <= 2048: raise ValueError(f"--display must be 16..2048 pixels, got {display!r}")
-    if not re.match(r'^https?://[^\s/]+(/[^\s]*)?$', url or ''): raise ValueError(f"--url {url!r}: give the address readers open, e.g. https://study.example.org or http://127.0.0.1:8765")
+    if not re.match(r'^https?://[^\s/?#]+/?$', url or ''):
+        raise ValueError(f"--url {url!r}: give the address readers open, the root of a host name with no path, e.g. https://study.example.org "
+                         "or http://127.0.0.1:8765 (behind a reverse proxy, give the study its own host name, not a sub-path)")
     reals, fakes = _image_list(real, 'real'), _image_list(fake, 'fake')
     both = {str(Path(p).resolve()) for p in reals if isinstance(p, (str, Path))} & {str(Path(p).resolve()) for p in fakes if isinstance(p, (str, Path))}
     if both: raise ValueError(f"--real and --fake share {len(both)} image file(s), e.g. {sorted(both)[0]}; give two separate sets")
@@ -431,7 +433,10 @@ def make_app(study: str | Path):
     @app.get('/r/<token>')
     @with_db
     def page(con, token):
-        reader_id(con, token)
+        try: reader_id(con, token)
+        except _Refused:                                   # a person opened a wrong link: a page, not JSON
+            return Response('<!doctype html><meta charset="utf-8"><title>Reader study</title><p>This link is not a valid reader link. '
+                            'Please use the personal link you were sent, or ask the study organiser for it.</p>', 403, mimetype='text/html')
         return Response(_PAGE.replace('{token}', token), mimetype='text/html')
 
     @app.get('/r/<token>/reader.js')
@@ -855,5 +860,6 @@ def study_cli(argv: list[str]) -> int:
     elif a.cmd == 'export':
         study_db(a.study)
         out = export_answers(a.study, a.out)
-        print(f"[study] {len(pd.read_csv(out))} judgements -> {out}")
+        n = len(pd.read_csv(out))
+        print(f"[study] {n} judgements -> {out}" + ('' if n else ' (no answers yet: share the reader links, `cxr-pggan study readers STUDY`)'))
     return 0

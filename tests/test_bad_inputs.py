@@ -348,7 +348,7 @@ def study_ws(ws):
     return w / 'study'
 
 
-@pytest.mark.parametrize('case', ['missing-real', 'empty-fake', 'too-few', 'same-set', 'out-not-ours', 'study-exists', 'not-a-study',
+@pytest.mark.parametrize('case', ['missing-real', 'empty-fake', 'too-few', 'same-set', 'url-subpath', 'out-not-ours', 'study-exists', 'not-a-study',
                                   'missing-study', 'bad-role', 'same-reader', 'export-over-foreign', 'port-in-use'])
 def test_study_bad_inputs(ws, study_ws, case):
     import socket
@@ -365,6 +365,8 @@ def test_study_bad_inputs(ws, study_ws, case):
             'empty-fake': (['study', 'create', '--real', ws['kinds'], '--fake', w / 'empty_images', '--out', w / 's2'], [str(w / 'empty_images'), 'no images']),
             'too-few': (['study', 'create', '--real', ws['one'], '--fake', ws['small'], '--out', w / 's3'], ['real images are needed', '--pairs']),
             'same-set': (['study', 'create', '--real', ws['small'], '--fake', ws['small'], '--out', w / 's4', *small], ['--real and --fake share', 'separate']),
+            'url-subpath': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', w / 's5', '--url', 'https://x.org/study', *small],
+                            ['--url', 'own host name']),
             'out-not-ours': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', u, *small], [str(u), 'not empty', '--force']),
             'study-exists': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', study_ws, *small], ['already holds a reader study']),
             'not-a-study': (['study', 'serve', u], [str(u), 'not a reader study']),
@@ -378,4 +380,4 @@ def test_study_bad_inputs(ws, study_ws, case):
     finally:
         if sock: sock.close()
     assert {str(p): tree(p) for p in protect} == before
-    for k in ('s1', 's2', 's3', 's4'): assert not (w / k / 'study.sqlite').exists()
+    for k in ('s1', 's2', 's3', 's4', 's5'): assert not (w / k / 'study.sqlite').exists()
