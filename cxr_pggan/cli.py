@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'reproduce': ('cxr_pggan.cli:reproduce_cli', 'run every paper notebook through papermill in a profile, writing outputs/'),
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
     'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent'),
+    'study':     ('cxr_pggan.study:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
 }
 
 BENCHES: dict[str, str] = {
@@ -86,6 +87,7 @@ def bench_cli(argv: list[str]) -> int:
 SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'dataset': 'cxr_pggan.experiment', 'gan': 'cxr_pggan.train', 'classifier': 'cxr_pggan.classifier',
     'fid': 'cxr_pggan.fid', 'prevalence': 'cxr_pggan.prevalence', 'latent': 'cxr_pggan.latent', 'archive': 'cxr_pggan.archive',
+    'reader_study': 'cxr_pggan.study',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:

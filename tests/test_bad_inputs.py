@@ -332,3 +332,52 @@ def test_reproduce_shows_progress_without_transport_warnings(ws):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '[reproduce] 01_data: cell 1/' in r.stderr and 'without encryption' not in r.stderr and 'Passed unknown parameter' not in r.stderr
     one_error(cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01', '-p', 'no_such_knob', '1'), 'no_such_knob', 'cxr-pggan params')
+
+
+# ---- reader study: `cxr-pggan study ...` -----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def study_ws(ws):
+    "A tiny study (1 grid of 1, 1 pair) made through the CLI, and an empty folder."
+    w = ws['root']; (w / 'empty_images').mkdir(exist_ok=True)
+    r = cli(w, 'study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', w / 'study', '--grids', '1', '--grid-size', '1',
+            '--pairs', '1', '--display', '32')
+    assert r.returncode == 0 and 'admin token' in r.stdout, r.stderr
+    r = cli(w, 'study', 'add-reader', w / 'study', '--name', 'Dr A', '--role', 'consultant')
+    assert r.returncode == 0 and '/r/' in r.stdout, r.stderr
+    return w / 'study'
+
+
+@pytest.mark.parametrize('case', ['missing-real', 'empty-fake', 'too-few', 'same-set', 'url-subpath', 'out-not-ours', 'study-exists', 'not-a-study',
+                                  'missing-study', 'bad-role', 'same-reader', 'export-over-foreign', 'port-in-use'])
+def test_study_bad_inputs(ws, study_ws, case):
+    import socket
+    w, u = ws['root'], ws['user']
+    protect = [u, study_ws / 'study.sqlite', w / 'foreign.pt']
+    before = {str(p): tree(p) for p in protect}
+    small = ['--grids', '1', '--grid-size', '1', '--pairs', '1']
+    sock = None
+    if case == 'port-in-use':
+        sock = socket.socket(); sock.bind(('127.0.0.1', 0)); sock.listen(1); port = sock.getsockname()[1]
+    try:
+        argv, needles = {
+            'missing-real': (['study', 'create', '--real', w / 'no_such_dir', '--fake', ws['small'], '--out', w / 's1'], [str(w / 'no_such_dir'), 'no such folder']),
+            'empty-fake': (['study', 'create', '--real', ws['kinds'], '--fake', w / 'empty_images', '--out', w / 's2'], [str(w / 'empty_images'), 'no images']),
+            'too-few': (['study', 'create', '--real', ws['one'], '--fake', ws['small'], '--out', w / 's3'], ['real images are needed', '--pairs']),
+            'same-set': (['study', 'create', '--real', ws['small'], '--fake', ws['small'], '--out', w / 's4', *small], ['--real and --fake share', 'separate']),
+            'url-subpath': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', w / 's5', '--url', 'https://x.org/study', *small],
+                            ['--url', 'own host name']),
+            'out-not-ours': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', u, *small], [str(u), 'not empty', '--force']),
+            'study-exists': (['study', 'create', '--real', ws['kinds'], '--fake', ws['small'], '--out', study_ws, *small], ['already holds a reader study']),
+            'not-a-study': (['study', 'serve', u], [str(u), 'not a reader study']),
+            'missing-study': (['study', 'add-reader', w / 'nowhere', '--name', 'X', '--role', 'other'], [str(w / 'nowhere'), 'study create']),
+            'bad-role': (['study', 'add-reader', study_ws, '--name', 'X', '--role', 'nurse'], ['--role', 'nurse']),
+            'same-reader': (['study', 'add-reader', study_ws, '--name', 'Dr A', '--role', 'other'], ['Dr A', 'already exists']),
+            'export-over-foreign': (['study', 'export', study_ws, '--out', w / 'foreign.pt'], [str(w / 'foreign.pt'), 'not written by cxr-pggan']),
+            'port-in-use': (['study', 'serve', study_ws, '--port', str(port) if sock else '0'], ['--port', 'another']),
+        }[case]
+        one_error(cli(w, *argv, timeout=60), *needles)
+    finally:
+        if sock: sock.close()
+    assert {str(p): tree(p) for p in protect} == before
+    for k in ('s1', 's2', 's3', 's4', 's5'): assert not (w / k / 'study.sqlite').exists()
