@@ -21,7 +21,7 @@ __all__ = ['PAPER_TABLE2_MACRO', 'PAPER_SOURCE', 'MODELS', 'ENCODER_FORMAT', 'EM
            'generator_identity', 'new_encoder', 'save_encoder', 'read_encoder_checkpoint', 'check_encoder_fits',
            'load_encoder', 'latent_scores', 'train_encoder', 'embed_images', 'reconstruction_error',
            'predictions_frame', 'check_same_images', 'table2', 'paired_differences', 'order_sentence', 'table2_figure',
-           'real_classifier_fits', 'val_fraction', 'train_encoder_cli', 'embed_cli']
+           'table2_markdown', 'write_table2', 'real_classifier_fits', 'val_fraction', 'train_encoder_cli', 'embed_cli']
 
 # %% ../nbs/12_synthetic_training.ipynb #fb2d31ff
 PAPER_TABLE2_MACRO = dict(embedded=0.604, class_generated=0.878, real=0.947)
@@ -174,7 +174,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
         if not math.isfinite(loss.item()): raise FloatingPointError(f"encoder loss is {loss.item()} at step {step}; lower the lr (now {lr})")
         if step % eval_every == 0 or step == steps:
             E.eval(); s = latent_scores(E, zh, xh); E.train()
-            history.append(dict(step=step, loss=float(loss), **s, seconds=round(time.time() - t0, 2)))
+            history.append(dict(step=step, loss=loss.item(), **s, seconds=round(time.time() - t0, 2)))
             bar.set_postfix_str(f"mse {s['heldout_mse']:.3f} cos {s['heldout_cos']:.3f}")
         if step % checkpoint_every == 0 or step == steps: save(step == steps)
         for cb in callbacks: cb(step)
@@ -371,6 +371,37 @@ def table2_figure(t: pd.DataFrame, path, title: str = '') -> Path:
     with atomic_path(path) as tmp: fig.savefig(tmp, dpi=120, format='png')
     plt.close(fig)
     return Path(path)
+
+# %% ../nbs/12_synthetic_training.ipynb #7971f304
+def _cell(v, lo, hi) -> str:
+    if not np.isfinite(v): return 'n/a'
+    return f'{v:.3f} ({lo:.3f}–{hi:.3f})' if np.isfinite(lo) else f'{v:.3f} (no CI)'
+
+def table2_markdown(t: pd.DataFrame) -> str:
+    "Table 2 for people: one row per finding, 'AUC (95 % CI)' per model, test positives, published values ('—' where not transcribed)."
+    models = [m for m in MODELS if m in t.columns]
+    md = pd.DataFrame({'Finding': t['finding'], 'Test positives': t['n_pos']})
+    for m in models: md[m.replace('_', ' ').capitalize()] = [_cell(r[m], r[f'{m}_ci_low'], r[f'{m}_ci_high']) for _, r in t.iterrows()]
+    for m in models: md[f"Paper: {m.replace('_', ' ')}"] = [f'{v:.3f}' if np.isfinite(v) else '—' for v in t[f'paper_{m}'].astype(float)]
+    return md.to_markdown(index=False)
+
+def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int = 0, note: str = '', title: str = '', **prov) -> dict:
+    "Table 2, its predictions, the paired differences and the figure of `profile` (see above); `prov`: `write_provenance` arguments."
+    t = table2(pred, n_boot=n_boot, seed=seed)
+    diffs = paired_differences(pred, n_boot=n_boot, seed=seed)
+    sentence = order_sentence(t, diffs)
+    tab = artifact('table', profile, 'table2', create_parent=True)
+    paths = dict(table=tab, markdown=tab.with_suffix('.md'), predictions=artifact('table', profile, 'table2_predictions'),
+                 differences=artifact('table', profile, 'table2_differences'), figure=artifact('figure', profile, 'table2', create_parent=True))
+    check_all_writable(list(paths.values()) + [paths['differences'].with_suffix('.md')])
+    with atomic_path(paths['predictions']) as tmp: pred.to_csv(tmp, index=False)
+    with atomic_path(tab) as tmp: t.to_csv(tmp, index=False)
+    atomic_write(paths['markdown'], (f'> {note}\n>\n' if note else '') + f'> {sentence}\n>\n> {PAPER_SOURCE}.\n\n' + table2_markdown(t) + '\n')
+    save_table(diffs, paths['differences'], note=sentence, floatfmt='.3f', **prov)
+    table2_figure(t, paths['figure'], title=title)
+    for k in ('predictions', 'table', 'markdown', 'figure'):
+        write_provenance(paths[k], **(prov | dict(extra=dict(note=note, order=sentence))))
+    return dict(table=t, differences=diffs, sentence=sentence, paths=paths)
 
 # %% ../nbs/12_synthetic_training.ipynb #75de5928
 register_profile('synthetic',
