@@ -19,9 +19,10 @@ from .classifier import (DiscriminatorClassifier, _auc_rows, discriminator_class
 # %% auto #0
 __all__ = ['PAPER_TABLE2_MACRO', 'PAPER_SOURCE', 'MODELS', 'ENCODER_FORMAT', 'EMBED_FORMAT', 'autocast_for', 'latent_names',
            'generator_identity', 'new_encoder', 'save_encoder', 'read_encoder_checkpoint', 'check_encoder_fits',
-           'load_encoder', 'latent_scores', 'train_encoder', 'embed_images', 'reconstruction_error',
-           'predictions_frame', 'check_same_images', 'table2', 'paired_differences', 'order_sentence', 'table2_figure',
-           'table2_markdown', 'write_table2', 'real_classifier_fits', 'val_fraction', 'train_encoder_cli', 'embed_cli']
+           'load_encoder', 'latent_scores', 'train_encoder', 'embedding_conflicts', 'embed_images',
+           'reconstruction_error', 'predictions_frame', 'check_same_images', 'table2', 'paired_differences',
+           'order_sentence', 'table2_figure', 'table2_markdown', 'write_table2', 'real_classifier_fits', 'val_fraction',
+           'train_encoder_cli', 'embed_cli']
 
 # %% ../nbs/12_synthetic_training.ipynb #fb2d31ff
 PAPER_TABLE2_MACRO = dict(embedded=0.604, class_generated=0.878, real=0.947)
@@ -149,6 +150,8 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
         diff = {k: (rec['settings'].get(k), v) for k, v in settings.items() if rec['settings'].get(k) != v}
         if diff: raise ValueError(f"{out}: holds an encoder trained with other settings {diff} (existing, requested); "
                                   "use another --out, or the same settings to resume it")
+        if int(rec['step']) > steps: raise ValueError(f"{out}: holds an encoder trained for {rec['step']} steps, more than the {steps} asked; "
+                                                      "use another --out, or ask for at least as many steps to continue it")
         E.load_state_dict(rec['state_dict']); E.init_weights = rec.get('init_weights')
     E = E.to(device).train()
     opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
@@ -197,6 +200,16 @@ def _frame_of(data) -> pd.DataFrame:
         return data.reset_index(drop=True)
     return load_folder(data)
 
+def embedding_conflicts(out, plan: dict) -> dict:
+    "What differs between the embedding in `out` (its `embed.json`, if any) and `plan`: name -> (existing, requested); empty when it can be resumed."
+    man = Path(out) / 'embed.json'
+    if not man.is_file(): return {}
+    old = json.loads(man.read_text())
+    diff = {k: (old.get(k), plan[k]) for k in ('encoder_sha256', 'n', 'resolution') if old.get(k) != plan[k]}
+    if (old.get('generator') or {}).get('sha256') != plan['generator']['sha256']:
+        diff['generator'] = ((old.get('generator') or {}).get('path'), plan['generator']['path'])
+    return diff
+
 def embed_images(encoder, generator, data, out, batch_size: int = 64, device=None, force: bool = False,
                  allow_other_generator: bool = False, trust_pickle: bool = False) -> dict:
     "Write G(E(x)) for every image of `data` (an NIH-layout folder or a frame with `path`) to `out` in the NIH layout."
@@ -213,12 +226,9 @@ def embed_images(encoder, generator, data, out, batch_size: int = 64, device=Non
     plan = dict(format=EMBED_FORMAT, encoder=str(encoder), encoder_sha256=file_sha256(encoder), generator=ident,
                 n=len(frame), resolution=ident['resolution'])
     man = out / 'embed.json'
-    if man.is_file():
-        old = json.loads(man.read_text())
-        diff = {k: (old.get(k), plan[k]) for k in ('encoder_sha256', 'n', 'resolution') if old.get(k) != plan[k]}
-        if (old.get('generator') or {}).get('sha256') != ident['sha256']: diff['generator'] = ((old.get('generator') or {}).get('path'), ident['path'])
-        if diff: raise ValueError(f"{man}: this folder holds an embedding made with other networks or images {diff} (existing, requested); "
-                                  "use a new --out folder")
+    diff = embedding_conflicts(out, plan)
+    if diff: raise ValueError(f"{man}: this folder holds an embedding made with other networks or images {diff} (existing, requested); "
+                              "use a new --out folder")
     targets = [out / 'images' / n for n in frame['Image Index']]
     csv = out / CSV_NAME
     check_all_writable([man, csv] + targets, out)
@@ -407,8 +417,8 @@ def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int
 register_profile('synthetic',
     smoke=dict(gan='random', archive='random', archive_n=24, real_classifier='auto', encoder_steps=20, encoder_batch=16,
                encoder_lr=1e-3, encoder_heldout=32, encoder_eval_every=10, encoder_precision='fp32', fid_random_n=32),
-    demo=dict(gan='auto', archive='auto', archive_n=60, real_classifier='auto', encoder_steps=1500, encoder_batch=32,
-              encoder_lr=1e-3, encoder_heldout=256, encoder_eval_every=250, encoder_precision='bf16', fid_random_n=1200),
+    demo=dict(gan='auto', archive='auto', archive_n=60, real_classifier='auto', encoder_steps=600, encoder_batch=32,
+              encoder_lr=1e-3, encoder_heldout=256, encoder_eval_every=100, encoder_precision='bf16', fid_random_n=1200),
     paper=dict(gan='auto', archive='auto', archive_n=78484, real_classifier='auto', encoder_steps=50000, encoder_batch=32,
                encoder_lr=1e-3, encoder_heldout=1024, encoder_eval_every=1000, encoder_precision='fp32', fid_random_n=10000));
 
