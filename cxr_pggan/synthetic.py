@@ -395,18 +395,20 @@ def table2_markdown(t: pd.DataFrame) -> str:
     for m in models: md[f"Paper: {m.replace('_', ' ')}"] = [f'{v:.3f}' if np.isfinite(v) else '—' for v in t[f'paper_{m}'].astype(float)]
     return md.to_markdown(index=False)
 
-def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int = 0, note: str = '', title: str = '', **prov) -> dict:
+def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int = 0, note: str = '', title: str = '',
+                 prov: dict | None = None) -> dict:
     "Table 2, its predictions, the paired differences and the figure of `profile` (see above); `prov`: `write_provenance` arguments."
     t = table2(pred, n_boot=n_boot, seed=seed)
     diffs = paired_differences(pred, n_boot=n_boot, seed=seed)
     sentence = order_sentence(t, diffs)
     tab = artifact('table', profile, 'table2', create_parent=True)
-    paths = dict(table=tab, markdown=tab.with_suffix('.md'), predictions=artifact('table', profile, 'table2_predictions'),
-                 differences=artifact('table', profile, 'table2_differences'), figure=artifact('figure', profile, 'table2', create_parent=True))
+    paths = dict(table=tab, markdown=tab.with_suffix('.md'), predictions=tab.with_name(f'{tab.stem}_predictions.csv'),
+                 differences=tab.with_name(f'{tab.stem}_differences.csv'), figure=artifact('figure', profile, 'table2', create_parent=True))
     check_all_writable(list(paths.values()) + [paths['differences'].with_suffix('.md')])
     with atomic_path(paths['predictions']) as tmp: pred.to_csv(tmp, index=False)
     with atomic_path(tab) as tmp: t.to_csv(tmp, index=False)
     atomic_write(paths['markdown'], (f'> {note}\n>\n' if note else '') + f'> {sentence}\n>\n> {PAPER_SOURCE}.\n\n' + table2_markdown(t) + '\n')
+    prov = dict(prov or {})
     save_table(diffs, paths['differences'], note=sentence, floatfmt='.3f', **prov)
     table2_figure(t, paths['figure'], title=title)
     for k in ('predictions', 'table', 'markdown', 'figure'):
