@@ -376,7 +376,9 @@ def table2_figure(t: pd.DataFrame, path, title: str = '') -> Path:
     ax.axvline(0.5, color='k', lw=0.6, ls=':')
     ax.set_yticks(yy); ax.set_yticklabels(t['finding'] if 'finding' in t else t['label'])
     ax.set_xlim(0, 1.02); ax.set_xlabel('ROC AUC on the real test split (95 % bootstrap CI)')
-    ax.set_title(title or 'Table 2: training on real, class-generated and embedded images'); ax.legend(loc='lower right', fontsize=8)
+    ax.axhline(yy[-1] + 0.5, color='k', lw=0.6)                                  # the macro row below the labels
+    ax.set_title(title or 'Table 2: training on real, class-generated and embedded images')
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.07), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, dpi=120, format='png')
     plt.close(fig)
