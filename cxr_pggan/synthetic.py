@@ -211,7 +211,7 @@ def embedding_conflicts(out, plan: dict) -> dict:
     return diff
 
 def embed_images(encoder, generator, data, out, batch_size: int = 64, device=None, force: bool = False,
-                 allow_other_generator: bool = False, trust_pickle: bool = False) -> dict:
+                 allow_other_generator: bool = False, trust_pickle: bool = False, num_workers: int = 0) -> dict:
     "Write G(E(x)) for every image of `data` (an NIH-layout folder or a frame with `path`) to `out` in the NIH layout."
     from cxr_pggan.data import CXRDataset
     from cxr_pggan.archive import CSV_NAME, _to_png, _write_png
@@ -237,7 +237,8 @@ def embed_images(encoder, generator, data, out, batch_size: int = 64, device=Non
     G, E = G.to(device).eval(), E.to(device).eval()
     if todo:
         ds = CXRDataset(frame.iloc[todo], ident['resolution'], 1)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+        from cxr_pggan.core import cap_workers
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cap_workers(num_workers))
         k = 0
         with torch.no_grad():
             for x, _ in progress(dl, desc=f'embed {len(todo)} images', unit='batch'):
@@ -471,6 +472,7 @@ def embed_cli(argv: list[str]) -> int:
     ap.add_argument('--out', required=True, help='a new or empty folder, or one an earlier `embed` wrote (resumed)')
     ap.add_argument('--classifier', help='classifier checkpoint for FID_CXR real vs embedded (default: pixel MSE only)')
     ap.add_argument('--batch', type=positive_int, default=64); ap.add_argument('--device')
+    ap.add_argument('--workers', type=int, default=0, help='DataLoader processes decoding the real images (default 0: in the main process)')
     ap.add_argument('--allow-other-generator', action='store_true', help='use an encoder whose generator file has another sha256 '
                     '(the same network in another file); latent size and resolution must still match')
     ap.add_argument('--trust-pickle', action='store_true', help='allow full unpickling of a trusted GAN checkpoint')
@@ -479,7 +481,7 @@ def embed_cli(argv: list[str]) -> int:
     check_device(a.device)
     from cxr_pggan.data import load_folder
     frame = load_folder(a.data)
-    r = embed_images(a.encoder, a.generator, frame, a.out, a.batch, a.device, a.force, a.allow_other_generator, a.trust_pickle)
+    r = embed_images(a.encoder, a.generator, frame, a.out, a.batch, a.device, a.force, a.allow_other_generator, a.trust_pickle, a.workers)
     err = reconstruction_error(frame, a.out, r['resolution'], classifier=a.classifier)
     print(json.dumps(r | err, default=str))
     return 0
