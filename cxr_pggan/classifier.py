@@ -498,7 +498,7 @@ def transfer_cli_frame(a, P: dict) -> tuple[pd.DataFrame, dict]:
     inputs = {'test_' + k: v for k, v in tin.items()} | {'metadata': ds.metadata} | ({'splits': a.splits} if a.splits else {})
     return df, inputs
 
-# %% ../nbs/07_classifier.ipynb #6b90cb29
+# %% ../nbs/07_classifier.ipynb #34639af4
 def train_classifier_cli(argv: list[str]) -> int:
     from cxr_pggan.core import section_params
     ap = CLIParser(prog='cxr-pggan train-classifier',
