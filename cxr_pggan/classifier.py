@@ -18,7 +18,8 @@ __all__ = ['DENSENET_FILE', 'DENSENET_ENV', 'DENSENET_URL', 'IMAGENET_MEAN', 'IM
            'densenet_classifier', 'DiscriminatorClassifier', 'discriminator_classifier', 'bce_class_weights',
            'WeightedBCE', 'roc_auc_table', 'macro_auc', 'youden_thresholds', 'save_classifier',
            'read_classifier_checkpoint', 'load_classifier', 'classifier_provenance', 'predict_logits',
-           'train_classifier', 'fit_classifier', 'restrict_to_list', 'classifier_frame', 'train_classifier_cli']
+           'train_classifier', 'fit_classifier', 'restrict_to_list', 'classifier_frame', 'transfer_frame',
+           'check_patient_column', 'transfer_cli_frame', 'train_classifier_cli']
 
 # %% ../nbs/07_classifier.ipynb #47c48e73
 DENSENET_FILE = 'densenet121-a639ec97.pth'
@@ -422,6 +423,54 @@ def classifier_frame(P: dict, splits: str | Path | None = None) -> tuple[pd.Data
     if P.get('image_list'): df, inputs['image_list'] = restrict_to_list(df, P['image_list']), P['image_list']
     return df, inputs
 
+# %% ../nbs/07_classifier.ipynb #5b63b7b3
+def transfer_frame(train: pd.DataFrame, test: pd.DataFrame, val_fraction: float = 0.125, seed: int = 0,
+                   synthetic_patients: bool = False, train_source: str = 'the training set', test_source: str = 'the test set') -> pd.DataFrame:
+    "One frame for `fit_classifier`: train/val rows from `train` (its split, or a new patient-level one), test rows = the test split of `test`."
+    from cxr_pggan.data import patient_split
+    if 'split' not in test.columns or not (test['split'] == 'test').any():
+        have = sorted(test['split'].astype(str).unique()) if 'split' in test.columns else 'none'
+        raise ValueError(f"{test_source}: no 'test' split (its splits: {have}); give the test folder a train/val/test split, e.g. "
+                         "`cxr-pggan split --metadata CSV --out DIR` and --test-splits DIR/splits.csv")
+    if 'Patient ID' not in train.columns:
+        raise ValueError(f"{train_source}: no 'Patient ID' column; training images must belong to (synthetic) patients to be split by "
+                         "patient (archives from `cxr-pggan archive` have them)")
+    te = test[test['split'] == 'test']
+    if 'split' in train.columns:
+        tr = train[train['split'].isin(['train', 'val'])]
+        if set(tr['split']) != {'train', 'val'}:
+            raise ValueError(f"{train_source}: its split has no {sorted({'train', 'val'} - set(tr['split']))} images; give it a train/val split")
+    else:
+        if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        tr = train.assign(split=patient_split(train, (1 - val_fraction, val_fraction), names=['train', 'val'], seed=seed).to_numpy())
+    if not synthetic_patients:
+        shared = sorted(set(tr['Patient ID']) & set(te['Patient ID']))
+        if shared: raise ValueError(f"{len(shared)} patient(s) of the test split of {test_source} (first {shared[:5]}) are also in the "
+                                    f"training/validation images of {train_source}; give the training folder the test folder's split "
+                                    "(--splits) or use images of other patients")
+    if 'path' in tr.columns and 'path' in te.columns:
+        both = sorted(set(tr['path']) & set(te['path']))
+        if both: raise ValueError(f"{len(both)} test image(s) are also training/validation images (first {both[:3]}); use other folders")
+    return pd.concat([tr.assign(source=train_source), te.assign(source=test_source)], ignore_index=True)
+
+# %% ../nbs/07_classifier.ipynb #76fd09bf
+def _archive_folder(folder) -> bool:
+    "True when `folder` is an archive written by `cxr-pggan archive` (its patients are synthetic)."
+    p = Path(folder) / 'archive.json'
+    try: return str(json.loads(p.read_text()).get('format', '')).startswith('cxr_pggan.archive/')
+    except (OSError, ValueError, AttributeError): return False
+
+def check_patient_column(folder, metadata=None):
+    "A training folder must group its images into patients: one line naming its CSV when it has no 'Patient ID' column."
+    folder = Path(folder)
+    csvs = [Path(metadata)] if metadata else sorted(folder.glob('Data_Entry_2017*.csv')) if folder.is_dir() else []
+    if csvs and csvs[0].is_file():
+        cols = [c.strip() for c in pd.read_csv(csvs[0], nrows=0).columns] if csvs[0].stat().st_size else []
+        if cols and 'Patient ID' not in cols:
+            raise ValueError(f"{csvs[0]}: no 'Patient ID' column, so its images cannot be split into train/validation by patient; "
+                             "an archive from `cxr-pggan archive` has synthetic patients (3-6 images each): rebuild it with cxr-pggan, "
+                             "or add a 'Patient ID' column")
+
 # %% ../nbs/07_classifier.ipynb #d2fdd3cb
 register_profile('classifier',
     smoke=dict(generator=None, image_list=None, input_size=32, epochs=1, batch_size=16, lr=1e-3, lr_patience=1, max_steps=2,
@@ -430,6 +479,24 @@ register_profile('classifier',
               patience=4, n_boot=1000, workers=0, seed=0),
     paper=dict(generator='auto', image_list=None, input_size=224, epochs=50, batch_size=16, lr=1e-3, lr_patience=1, max_steps=None,
                patience=5, n_boot=1000, workers=8, seed=0));
+
+# %% ../nbs/07_classifier.ipynb #a033b573
+def transfer_cli_frame(a, P: dict) -> tuple[pd.DataFrame, dict]:
+    "The frame and inputs of `train-classifier --data TRAIN --test-data TEST` (see `transfer_frame`)."
+    from cxr_pggan.core import section_params
+    from cxr_pggan.data import load_splits
+    if not a.data: raise ValueError("--test-data needs --data FOLDER: the folder to train and validate on (e.g. an archive)")
+    check_patient_column(a.data, a.metadata)
+    Pt = section_params(a.profile, 'dataset', 'classifier', dataset=a.test_data, image_list=a.image_list, **parse_sets(a.set))
+    test, tin = classifier_frame(Pt, a.test_splits)
+    ds = resolve_dataset(P | dict(image_list=None), images=True)
+    train = load_splits(a.splits, ds.frame) if a.splits else ds.frame
+    f = [float(v) for v in P['fractions']]
+    vf = a.val_fraction if a.val_fraction is not None else (f[1] / (f[0] + f[1]) if len(f) >= 3 else 0.125)
+    df = transfer_frame(train, test, vf, P['split_seed'], synthetic_patients=_archive_folder(ds.folder),
+                        train_source=str(ds.metadata), test_source=str(tin['splits']))
+    inputs = {'test_' + k: v for k, v in tin.items()} | {'metadata': ds.metadata} | ({'splits': a.splits} if a.splits else {})
+    return df, inputs
 
 # %% ../nbs/07_classifier.ipynb #34639af4
 def train_classifier_cli(argv: list[str]) -> int:
@@ -447,12 +514,21 @@ def train_classifier_cli(argv: list[str]) -> int:
     ap.add_argument('--device')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', default=[], help='any knob of the dataset and classifier sections, e.g. epochs=5')
     ap.add_argument('--out', required=True, help='checkpoint to write (.pt); the AUC table goes beside it (.auc.csv)')
+    ap.add_argument('--test-data', help="test on this folder's real test split instead (Table 2's synthetic columns): --data is then "
+                    "only trained and validated on, split by patient into train/val (or by its --splits); --image-list applies to the test folder")
+    ap.add_argument('--test-splits', help="splits CSV of --test-data (default: that dataset's shared split, made once)")
+    ap.add_argument('--val-fraction', type=float, help='with --test-data: share of --data patients for validation (default: from the '
+                    'fractions knob, val / (train + val), 0.125 for 70/10/20)')
     a = ap.parse_args(argv)
     check_device(a.device)
     P = section_params(a.profile, 'dataset', 'classifier', dataset=a.data, metadata=a.metadata, image_list=a.image_list, **parse_sets(a.set))
     for f in (Path(a.out), Path(a.out).with_suffix('.auc.csv')): check_writable(f)
     if a.arch == 'discriminator' and not a.discriminator: raise ValueError("--arch discriminator needs --discriminator GAN_CHECKPOINT (a checkpoint with D)")
-    df, inputs = classifier_frame(P, a.splits)
+    if a.test_data:
+        df, inputs = transfer_cli_frame(a, P)
+    else:
+        if a.test_splits or a.val_fraction is not None: raise ValueError("--test-splits and --val-fraction go with --test-data DIR")
+        df, inputs = classifier_frame(P, a.splits)
     r = fit_classifier(df, a.out, arch=a.arch, input_size=P['input_size'], weights=a.weights, discriminator=a.discriminator,
                        epochs=P['epochs'], batch_size=P['batch_size'], lr=P['lr'], lr_patience=P['lr_patience'], patience=P['patience'],
                        max_steps=P['max_steps'], n_boot=P['n_boot'], device=a.device, num_workers=P['workers'], seed=P['seed'], inputs=inputs)

@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
     'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent'),
     'study':     ('cxr_pggan.study:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
+    'train-encoder': ('cxr_pggan.synthetic:train_encoder_cli', "latent encoder of a GAN (D retrained to predict z; Table 2 'Embedded'); resumable"),
+    'embed':     ('cxr_pggan.synthetic:embed_cli', 'write G(E(x)) for every real image of a folder in the NIH layout (names, patients, labels kept)'),
 }
 
 BENCHES: dict[str, str] = {
@@ -88,6 +90,7 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'dataset': 'cxr_pggan.experiment', 'gan': 'cxr_pggan.train', 'classifier': 'cxr_pggan.classifier',
     'fid': 'cxr_pggan.fid', 'prevalence': 'cxr_pggan.prevalence', 'latent': 'cxr_pggan.latent', 'archive': 'cxr_pggan.archive',
     'reader_study': 'cxr_pggan.study',
+    'synthetic': 'cxr_pggan.synthetic',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:

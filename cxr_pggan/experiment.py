@@ -91,6 +91,9 @@ ARTIFACTS: dict[str, tuple[str, str, str | None]] = {
     'table':            ('outputs', 'tables/{name}_{profile}.csv', None),
     'figure':           ('outputs', 'figures/{name}_{profile}.png', None),
     'feature_cache':    ('data', 'cache/features_{name}.npz', None),
+    'encoder':          ('outputs', 'checkpoints/encoder_{profile}.pt', '12_synthetic_training'),
+    'embedded':         ('outputs', 'embedded/embedded_{profile}', '12_synthetic_training'),
+    'table2_classifier': ('outputs', 'checkpoints/table2_{name}_{profile}.pt', '12_synthetic_training'),
 }
 
 def artifact(kind: str, profile: str, name: str | None = None, create_parent: bool = False) -> Path:

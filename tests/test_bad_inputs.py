@@ -381,3 +381,41 @@ def test_study_bad_inputs(ws, study_ws, case):
         if sock: sock.close()
     assert {str(p): tree(p) for p in protect} == before
     for k in ('s1', 's2', 's3', 's4', 's5'): assert not (w / k / 'study.sqlite').exists()
+# ---- Table 2's synthetic columns: training on an archive or an embedding, testing on the real test split -------------
+
+def test_class_generated_training_needs_patients_and_a_test_split(ws, tmp_path):
+    "An archive without patients and a test folder without a test split: one line each, naming the file and the fix."
+    import shutil
+    w, u = ws['root'], ws['user']
+    nopat = tmp_path / 'nopatients'; shutil.copytree(u, nopat)
+    pd.read_csv(nopat / 'Data_Entry_2017.csv').drop(columns='Patient ID').to_csv(nopat / 'Data_Entry_2017.csv', index=False)
+    one_error(cli(w, 'train-classifier', '--profile', 'smoke', '--data', nopat, '--test-data', u, '--out', tmp_path / 'a.pt'),
+              str(nopat / 'Data_Entry_2017.csv'), "no 'Patient ID' column", 'cxr-pggan archive')
+    trainval = tmp_path / 'trainval.csv'
+    pd.read_csv(u / 'Data_Entry_2017.csv')[['Image Index', 'Patient ID']].assign(split=lambda d: np.where(d['Patient ID'] < 4, 'train', 'val')).to_csv(trainval, index=False)
+    other = tmp_path / 'other'; shutil.copytree(u, other)
+    pd.read_csv(other / 'Data_Entry_2017.csv').assign(**{'Patient ID': lambda d: d['Patient ID'] + 100}).to_csv(other / 'Data_Entry_2017.csv', index=False)
+    one_error(cli(w, 'train-classifier', '--profile', 'smoke', '--data', other, '--test-data', u, '--test-splits', trainval, '--out', tmp_path / 'b.pt'),
+              str(trainval), "no 'test' split", 'cxr-pggan split')
+    # the same patients in training and test (a real folder given as its own training set without its split) are refused
+    one_error(cli(w, 'train-classifier', '--profile', 'smoke', '--data', u, '--test-data', u, '--test-splits', ws['root'] / 'splits' / 'splits.csv',
+                  '--out', tmp_path / 'c.pt'), 'also in the training/validation images', '--splits')
+    assert not any((tmp_path / f).exists() for f in ('a.pt', 'b.pt', 'c.pt'))
+
+
+def test_encoder_for_another_generator(ws, tmp_path):
+    "An encoder used with a generator of another resolution: one line naming the encoder file and the command that fixes it."
+    w = ws['root']
+    from cxr_pggan.latent import random_networks
+    g8, _ = random_networks(tmp_path / 'nets8', 8)
+    enc = tmp_path / 'enc.pt'
+    r = cli(w, 'train-encoder', '--generator', ws['gan'], '--profile', 'smoke', '--set', 'encoder_steps=2', '--set', 'encoder_eval_every=1', '--out', enc)
+    assert r.returncode == 0, r.stderr[-1500:]
+    one_error(cli(w, 'embed', '--encoder', enc, '--generator', g8, '--data', ws['user'], '--out', tmp_path / 'emb'),
+              str(enc), 'resolution 16 (encoder) vs 8', 'cxr-pggan train-encoder --generator')
+    assert not (tmp_path / 'emb').exists()
+    one_error(cli(w, 'embed', '--encoder', ws['gan'], '--generator', ws['gan'], '--data', ws['user'], '--out', tmp_path / 'emb'),
+              str(ws['gan']), 'not an encoder')
+    before = tree(enc)                                                                  # an existing encoder of another generator is not overwritten
+    one_error(cli(w, 'train-encoder', '--generator', g8, '--profile', 'smoke', '--out', enc), str(enc), 'another generator')
+    assert tree(enc) == before
