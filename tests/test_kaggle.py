@@ -213,3 +213,14 @@ def test_every_section_has_a_kaggle_profile():
     assert out['gan']['precision'] == 'auto' and out['gan']['checkpointing'] and out['gan']['time_budget'] == '11h30m'
     assert out['gan']['batch_sizes'] == section_params('paper', 'gan')['batch_sizes']     # the paper's per-GPU batch
     assert out['gan']['max_outputs_gib'] == 15.0
+
+
+def test_bench_gan_checkpointing_both_reports_memory(tmp_path):
+    rc = T.bench_gan_cli(['--resolutions', '16', '--batch', '2', '--iters', '1', '--warmup', '1', '--fmap-max', '16', '--latent', '16',
+                          '--gen-batch', '2', '--gen-iters', '1', '--channels', '1', '--precision', 'auto', '--checkpointing', 'both',
+                          '--json', str(tmp_path / 'b.json')])
+    assert rc == 0
+    b = json.loads((tmp_path / 'b.json').read_text())
+    rows = {r['checkpointing']: r for r in b['train']}
+    assert b['precision'] == 'fp32' and b['precision_asked'] == 'auto' and set(rows) == {False, True}
+    assert 0 < rows[True]['saved_activations_mib'] < rows[False]['saved_activations_mib']
