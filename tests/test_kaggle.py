@@ -224,3 +224,22 @@ def test_bench_gan_checkpointing_both_reports_memory(tmp_path):
     rows = {r['checkpointing']: r for r in b['train']}
     assert b['precision'] == 'fp32' and b['precision_asked'] == 'auto' and set(rows) == {False, True}
     assert 0 < rows[True]['saved_activations_mib'] < rows[False]['saved_activations_mib']
+
+
+@pytest.mark.slow                                   # 12 s: beyond this file's CI share; run with --slow
+def test_classifier_learns_in_fp16_with_loss_scaling(tmp_path, monkeypatch):
+    "The classifier's fp16 path (CPU autocast standing in for a T4): the toy set's brighter Cardiomegaly images are learnt as in fp32."
+    import warnings
+    from cxr_pggan import classifier as C
+    from cxr_pggan.latent import random_networks
+    monkeypatch.setattr(C, 'resolve_precision', lambda p, d=None: core.resolve_precision(p, d, cpu=True))
+    df = C._toy_frame(tmp_path / 'toy', n=120, size=16, seed=3)
+    df['split'] = np.where(np.arange(120) < 80, 'train', np.where(np.arange(120) < 100, 'val', 'test'))
+    gan, _ = random_networks(tmp_path / 'nets', 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        r = C.fit_classifier(df, tmp_path / 'd.pt', arch='discriminator', discriminator=gan, epochs=6, batch_size=16,
+                             lr=1e-3, n_boot=50, log=lambda *a: None, precision='fp16')
+    assert r['precision_used'].startswith('fp16') and all(np.isfinite(h['loss']) for h in r['history'])
+    assert r['auc'].set_index('label').auc['Cardiomegaly'] > 0.8, r['auc']
+    assert json.loads((tmp_path / 'd.pt.provenance.json').read_text())['params']['precision'] == 'fp16'
