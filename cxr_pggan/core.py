@@ -231,7 +231,8 @@ KAGGLE_KNOBS = dict(
     checkpointing=True,        # activation checkpointing in G and D: the paper's per-GPU batch in 16 GB
     time_budget='11h30m',      # stop cleanly (checkpoint, exit 0) before the 12-hour session limit
     max_outputs_gib=15.0,      # keep /kaggle/working (20 GB) under this: oldest own checkpoints deleted first
-    workers=4)                 # Kaggle gives 4 CPU cores
+    workers=4,                 # Kaggle gives 4 CPU cores
+    processes='auto')          # one training process per GPU (both T4s), started by the notebook itself
 derive_profile('kaggle', 'paper', **KAGGLE_KNOBS)
 PROFILE_NAMES = BASE_PROFILES + ('kaggle',)
 
@@ -239,10 +240,11 @@ PROFILE_NAMES = BASE_PROFILES + ('kaggle',)
 def _coerce(section: str, key: str, value):
     "`value` for knob `key`: JSON-decoded when it is text and the knob is not text in any profile."
     if not isinstance(value, str): return value
-    kinds = {type(PROFILES[n][section][key]) for n in BASE_PROFILES} - {type(None)}
+    kinds = {type(PROFILES[n][section][key]) for n in PROFILES if section in PROFILES[n]} - {type(None)}
     if not kinds or kinds <= {str}: return value
     try: return json.loads(value)
     except json.JSONDecodeError:
+        if str in kinds: return value                            # a knob that takes text too ('auto' or a number)
         raise ValueError(f"{section}: knob {key!r} takes {'/'.join(sorted(t.__name__ for t in kinds))}, "
                          f"got the text {value!r}; write it as JSON, e.g. {json.dumps(PROFILES['demo'][section][key])}") from None
 

@@ -17,12 +17,12 @@ from .pggan import (Discriminator, Generator, PGGANConfig, from_unit, make_confi
                              to_unit, upsample2)
 
 # %% auto #0
-__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'TrainConfig',
-           'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers', 'index_batches',
-           'fade_in_reals', 'load_training_frame', 'RealImages', 'init_distributed', 'allreduce_grads',
+__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'worker_processes',
+           'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers',
+           'index_batches', 'fade_in_reals', 'load_training_frame', 'RealImages', 'init_distributed', 'allreduce_grads',
            'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
-           'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'train', 'gan_knobs',
-           'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
+           'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'launch_train', 'train',
+           'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
 
 # %% ../nbs/06_gan_train.ipynb #11f72cf6
 def level_of(resolution: int) -> int: return int(math.log2(resolution)) - 2
@@ -58,6 +58,14 @@ def phase_at(schedule: list[dict], images: int) -> tuple[dict, float]:
 
 # %% ../nbs/06_gan_train.ipynb #b197f114
 # PRECISIONS ('fp32', 'bf16', 'fp16', 'auto') comes from cxr_pggan.core: one precision knob for every trainer
+def worker_processes(processes) -> int:
+    "The number of worker processes `processes` asks for: 'auto' = one per visible GPU (1 on a CPU)."
+    if processes in ('auto', None): return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    try: n = int(processes)
+    except (TypeError, ValueError): n = 0
+    if n < 1: raise ValueError(f"processes must be 'auto' or a whole number >= 1, got {processes!r}")
+    return n
+
 
 @dataclass
 class TrainConfig:
@@ -96,6 +104,7 @@ class TrainConfig:
     device: str | None = None           # 'cuda', 'cuda:1', 'cpu' (None: CUDA when present)
     cpu_threads: int | None = None      # torch threads on a CPU (None: torch's default, all cores)
     seed: int = 0                       # networks, latents, data order and noise
+    processes: int | str = 1            # worker processes on this machine: 'auto' = one per GPU; >1 from a notebook or plain call starts them with torchrun
     # run, resume and outputs
     run: str | None = None              # run name: outputs/checkpoints/<run> and outputs/samples/<run> (None: the profile's artifacts)
     resume: str = 'auto'                # 'auto' (newest valid checkpoint of the run), 'none', or a checkpoint path
@@ -115,6 +124,7 @@ class TrainConfig:
         self.batch_sizes, self.betas = [int(b) for b in self.batch_sizes], [float(b) for b in self.betas]
         if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         parse_duration(self.time_budget)                                 # a bad budget fails here, before any work
+        worker_processes(self.processes)
         if self.max_outputs_gib is not None: self.max_outputs_gib = float(self.max_outputs_gib)
         if self.resolution < 4 or self.resolution & (self.resolution - 1): raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
         if not 4 <= self.start_resolution <= self.resolution or self.start_resolution & (self.start_resolution - 1):
@@ -729,11 +739,30 @@ class _Run:
                     last=None if lp is None else {k: float(v) for k, v in lp.items()})
 
 # %% ../nbs/06_gan_train.ipynb #9a7da64c
+def launch_train(cfg: TrainConfig, processes: int) -> dict:
+    """Run `train(cfg)` in `processes` workers on this machine (torchrun, as `cxr-pggan train --config`), showing their
+    output as it comes (also in a notebook); returns rank 0's summary. How a notebook uses both GPUs of a 2xT4 machine."""
+    import subprocess, tempfile
+    with tempfile.TemporaryDirectory(prefix='cxr_pggan_launch_') as td:
+        cf, sf = Path(td) / 'train_config.json', Path(td) / 'summary.json'
+        cf.write_text(json.dumps(dict(cfg.to_dict(), processes=1)))
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes),
+               '-m', 'cxr_pggan', 'train', '--config', str(cf), '--summary', str(sf)]
+        print(f"starting {processes} worker processes: torchrun --standalone --nproc_per_node {processes} -m cxr_pggan train --config ...", flush=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+            for line in p.stdout: print(line, end='', flush=True)
+        if p.returncode: raise RuntimeError(f"the {processes} training workers exited with status {p.returncode}; their output is above")
+        return json.loads(sf.read_text())
+
 def train(cfg: TrainConfig | dict, callbacks=(), quiet: bool = False) -> dict:
     """Train a PGGAN with the knobs `cfg` (a `TrainConfig`, or a dict of its fields); resumes when asked.
     `callbacks`: functions `f(step, ctx)` called after every step (tests use them to simulate crashes).
     Returns a summary: run folder, final model file, images shown, steps, log CSV, last checkpoint."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_params(cfg)
+    n = worker_processes(cfg.processes)
+    if n > 1 and dist_env()['world'] == 1:                         # not yet under torchrun: start the workers
+        if callbacks: raise ValueError("train(callbacks=...) runs in one process; use processes=1")
+        return launch_train(cfg, n)
     r = _Run(cfg, callbacks, quiet)
     r.data()
     r.networks()
@@ -804,7 +833,16 @@ def train_cli(argv: list[str]) -> int:
     ap.add_argument('--resume-from', metavar='DIR', help="continue from the newest checkpoint in DIR (an earlier session's output; only read)")
     ap.add_argument('--compile', action='store_true', help='torch.compile G and D')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', default=[], help='override any knob listed below (JSON value)')
+    ap.add_argument('--config', metavar='JSON', help='a TrainConfig as JSON (every field; the profile and the options above are ignored)')
+    ap.add_argument('--summary', metavar='JSON', help="write rank 0's summary here")
     a = ap.parse_args(argv)
+    if a.config:
+        cfg = TrainConfig.from_params(json.loads(Path(a.config).read_text()))
+        try: out = train(cfg)
+        except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
+        if out['rank'] == 0 and a.summary:
+            with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
+        return 0
     over = dict(dataset=a.data, metadata=a.metadata, run=a.run, resume=a.resume, device=check_device(a.device),
                 precision=a.precision, compile=True if a.compile else None, time_budget=a.time_budget,
                 resume_from=a.resume_from) | parse_sets(a.set)
@@ -812,6 +850,8 @@ def train_cli(argv: list[str]) -> int:
     try: out = train(cfg)
     except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
     if out['rank'] == 0: print(json.dumps({k: out[k] for k in ('final', 'images_shown', 'steps', 'log_csv', 'world', 'device', 'precision', 'stopped')}))
+    if out['rank'] == 0 and a.summary:
+        with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
     return 0
 
 # %% ../nbs/06_gan_train.ipynb #239dfe19

@@ -232,3 +232,12 @@ def test_resume_from_a_read_only_folder_is_exact(nih_folder, tmp_path, uninterru
     got = torch.load(res['final'], weights_only=True)
     for k in ('G', 'D', 'G_ema'): assert _sd_equal(got[k], ref[k]), k
     for p in [A, *A.rglob('*')]: p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+@pytest.mark.slow
+def test_train_starts_its_own_workers(nih_folder, tmp_path):
+    "processes=2 from a plain call (what the notebook does on 2xT4): two gloo workers under torchrun, rank 0's summary back."
+    P = tiny(nih_folder, tmp_path, batch_sizes=[4], checkpoint_kimg=0, processes=2)
+    res = T.train(P, quiet=True)
+    assert res['world'] == 2 and res['images_shown'] == 128 and Path(res['final']).is_file()
+    assert len(torch.load(T.latest_checkpoint(tmp_path / 'ckpt'), weights_only=True)['rng']['noise']) == 2
