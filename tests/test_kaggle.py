@@ -182,7 +182,7 @@ def test_kaggle_layout_profile_budget_and_read_only_resume(kaggle, tmp_path, mon
     msg = capsys.readouterr().out
     assert out['stopped'] and out['final'] is None and Path(out['last_checkpoint']).is_file(), out
     assert 0 < out['images_shown'] < T.TrainConfig.from_params(P).schedule()[-1]['end_img']
-    assert took < 3 + 3.0, took                  # stopped at the budget (+ its last step and checkpoint; a loaded CI machine)
+    assert 1.5 < took < 3 + 3.0, took            # used the budget, stopped at it (+ its last step and checkpoint; a loaded CI machine)
     assert 'time budget 3s reached' in msg and 'resume_from=' in msg
     # session 2: that output attached read-only; continue from it into a new working folder
     attached = kaggle['root'] / 'input' / 'my-notebook-output'
