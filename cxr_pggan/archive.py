@@ -8,7 +8,7 @@ import argparse, json, math, os, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int,
-                            progress, register_profile, remove_owned, write_provenance, seed_everything)
+                            progress, register_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
 from .data import LABELS, FINDINGS
 from .experiment import artifact
 from .latent import optimise_class, class_index, label_set
@@ -200,10 +200,21 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
                   tolerance: float = 0.05, images_per_patient=(3, 6), sigma: float = 0.2, steps: int = 100, lr: float = 0.05,
                   candidates: int = 4, max_attempts: int = 5, jitter: bool = False, seed: int = 0, device=None,
                   trust_pickle: bool = False, exclusive: bool = True, match_reference: bool = True, normalise: bool = True,
-                  force: bool = False) -> dict:
-    "Write (or resume) an archive of exactly `n` labelled synthetic images in `out`; see above. Returns a summary."
+                  force: bool = False, time_budget=None, resume_from: str | Path | None = None) -> dict:
+    """Write (or resume) an archive of exactly `n` labelled synthetic images in `out`; see above. Returns a summary.
+    `time_budget` ('11h30m'): stop cleanly after the patient that would overrun it (summary `stopped`, `resume_hint`).
+    `resume_from`: an unfinished archive in a read-only folder (an earlier session's output): copied into the new, empty
+    `out` first, then continued there."""
     from cxr_pggan.classifier import load_classifier, CXRClassifier
     out = Path(out)
+    budget = TimeBudget(time_budget)
+    if resume_from is not None and dist_env()['rank'] == 0 and not (out / 'archive.json').exists():
+        src = Path(resume_from)
+        if not (src / 'archive.json').is_file():
+            raise FileNotFoundError(f"resume_from {src}: no archive.json there; give the folder of an unfinished archive (the --out of the earlier run)")
+        if out.exists() and any(out.iterdir()): raise OutputExistsError(f"{out} is not empty; resume_from copies {src} into a new or empty folder")
+        import shutil; shutil.copytree(src, out, dirs_exist_ok=True)
+        for p in [out, *out.rglob('*')]: p.chmod(p.stat().st_mode | 0o200)        # the copy of a read-only input is ours to write
     env = dist_env(); rank, world, local = env['rank'], env['world'], env['local_rank']
     if n < 1: raise ValueError(f"n must be >= 1, got {n}")
     if rank == 0: claim_folder(out, 'archive', force=force, adopt=lambda f: (f / 'archive.json').is_file())
@@ -259,6 +270,7 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
             n_done += 1
             for l in im['labels'].split('|'): counts[l] += 1
     for r in records.values(): add(r)
+    stopped, t_pat = False, time.time()
     for j, pid in enumerate(progress(todo, desc=f'archive rank {rank}', unit='patient')):
         if world > 1 and j % 16 == 0:                 # other ranks' progress keeps the class mix balanced
             records = _load_records(rec_dir); counts[:] = 0.0; n_done = 0
@@ -278,9 +290,15 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
         atomic_write(rec_dir / f'{pid:08d}.json', json.dumps(rec))
         records[pid] = rec; add(rec)
         written += ks[pid]
+        budget.step_took(time.time() - t_pat); t_pat = time.time()
+        if budget.should_stop() and j < len(todo) - 1: stopped = True; break
     if world > 1: torch.distributed.barrier()
-    summary = dict(out=str(out), rank=rank, world_size=world, written_this_run=written, seconds=time.time() - t0)
-    if rank == 0: summary |= finalise_archive(out)
+    summary = dict(out=str(out), rank=rank, world_size=world, written_this_run=written, seconds=time.time() - t0, stopped=stopped)
+    if stopped:
+        summary['resume_hint'] = (f"time budget {time_budget} reached: {len(records)} of {len(ks)} patients written to {out}. To continue, run the "
+                                  f"same command again, or in a new session copy it on with resume_from={out} (as attached there) and a new --out")
+        if rank == 0: print(summary['resume_hint'], flush=True)
+    elif rank == 0: summary |= finalise_archive(out)
     if world > 1: torch.distributed.barrier()
     return summary
 
@@ -322,11 +340,11 @@ def finalise_archive(out: str | Path) -> dict:
 # %% ../nbs/11_archive.ipynb #109c21fb
 register_profile('archive',
     smoke=dict(generator='random', classifier='random', n=12, steps=10, lr=0.05, normalise=True, candidates=4, max_attempts=3,
-               tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0),
+               tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0, time_budget=None),
     demo=dict(generator='auto', classifier='auto', n=60, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
-              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0),
+              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None),
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
-               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0));
+               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None));
 
 # %% ../nbs/11_archive.ipynb #19e06a2c
 def archive_cli(argv: list[str]) -> int:
@@ -350,11 +368,14 @@ def archive_cli(argv: list[str]) -> int:
     ap.add_argument('--no-match', action='store_true', help="take the first converged candidate and the first local samples (the paper) "
                     "instead of choosing them greedily to match the reference proportions")
     ap.add_argument('--plain-step', action='store_true', help="the paper's plain gradient step z += lr·grad (default: normalised steps)")
+    ap.add_argument('--time-budget', help="e.g. 11h30m: stop cleanly (exit 0) after the patient that would overrun it; run again to continue")
+    ap.add_argument('--resume-from', metavar='DIR', help="an unfinished archive in a read-only folder (an earlier session's output): copied into --out, then continued")
     a = ap.parse_args(argv)
     check_device(a.device)
     s = build_archive(a.generator, a.classifier, a.n, a.out, a.reference, a.tolerance, tuple(a.images_per_patient), a.sigma,
                           a.steps, a.lr, a.candidates, a.max_attempts, a.jitter, a.seed, a.device, a.trust_pickle,
-                          exclusive=not a.single_class, match_reference=not a.no_match, normalise=not a.plain_step, force=a.force)
+                          exclusive=not a.single_class, match_reference=not a.no_match, normalise=not a.plain_step, force=a.force,
+                          time_budget=a.time_budget, resume_from=a.resume_from)
     if s.get('complete'):
         print(s['prevalence'].to_string(index=False, float_format='%.3f'))
         print(f"{s['images']} images of {s['patients']} patients in {a.out}; max |archive - reference| prevalence "

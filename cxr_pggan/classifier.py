@@ -8,7 +8,7 @@ import argparse, json, math, os, re, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_device, check_writable, file_sha256, parse_sets, payload_digest,
-                            progress, register_profile, save_table, torch_load, write_provenance, seed_everything)
+                            progress, register_profile, resolve_precision, save_table, torch_load, write_provenance, seed_everything)
 from .data import LABELS
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 
@@ -300,10 +300,12 @@ def predict_logits(model: nn.Module, ds, batch_size: int = 32, device=None, num_
 # %% ../nbs/07_classifier.ipynb #be9a344f
 def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
                      lr_patience: int = 1, patience: int = 3, min_delta: float = 1e-4, max_steps: int | None = None,
-                     device=None, num_workers: int = 0, seed: int = 0, log=print) -> dict:
-    "Train `model` with the paper's recipe; returns the model (best epoch, Youden thresholds set) and its history."
+                     device=None, num_workers: int = 0, seed: int = 0, log=print, precision: str = 'fp32') -> dict:
+    """Train `model` with the paper's recipe; returns the model (best epoch, Youden thresholds set) and its history.
+    `precision`: fp32 | bf16 | fp16 | auto (`core.resolve_precision`; fp16 with dynamic loss scaling, skipped steps logged)."""
     seed_everything(seed)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    prec = resolve_precision(precision, device); scaler = prec.grad_scaler(); skipped = 0
     model.to(device)
     w_pos, w_neg = bce_class_weights(train_ds.y.numpy(), model.labels)
     loss_fn = WeightedBCE(w_pos, w_neg).to(device)
@@ -317,12 +319,17 @@ def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, b
         model.train(); t0, tot, k = time.time(), 0.0, 0
         for i, (x, y) in enumerate(progress(dl, desc=f'epoch {ep + 1}/{epochs}', leave=False)):
             if max_steps is not None and i >= max_steps: break
-            loss = loss_fn(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            with prec.autocast(): logits = model(x.to(device, non_blocking=True)).float()
+            loss = loss_fn(logits, y.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True); scaler.scale(loss).backward()
+            if scaler.is_enabled():
+                s0 = scaler.get_scale(); scaler.step(opt); scaler.update(); skipped += scaler.get_scale() < s0
+            else: opt.step()
             tot += loss.item(); k += 1
         yv, lv = predict_logits(model, val_ds, batch_size=max(batch_size, 32), device=device, num_workers=num_workers, desc='validate')
         auc = macro_auc(yv, lv); score = auc if math.isfinite(auc) else 0.0
-        hist.append(dict(epoch=ep + 1, loss=tot / max(k, 1), val_macro_auc=auc, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0))
+        hist.append(dict(epoch=ep + 1, loss=tot / max(k, 1), val_macro_auc=auc, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0,
+                         skipped_steps=int(skipped)))
         log(f"epoch {ep + 1}: loss {hist[-1]['loss']:.4f}  val macro AUC {auc:.4f}  lr {hist[-1]['lr']:.1e}  ({hist[-1]['seconds']:.0f} s)")
         sched.step(score)
         if score > best + min_delta or best_state is None:
@@ -336,7 +343,7 @@ def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, b
     thr = youden_thresholds(*best_val, labels=model.labels)
     model.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
     return dict(model=model.eval(), history=hist, best_epoch=best_epoch, val_macro_auc=best,
-                thresholds=thr, w_pos=w_pos.tolist(), w_neg=w_neg.tolist())
+                thresholds=thr, w_pos=w_pos.tolist(), w_neg=w_neg.tolist(), precision_used=prec.label)
 
 # %% ../nbs/07_classifier.ipynb #9d136e33
 def _toy_frame(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> pd.DataFrame:
@@ -358,7 +365,7 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
                    weights: str | Path | None = None, discriminator: str | Path | None = None, epochs: int = 20,
                    batch_size: int = 16, lr: float = 1e-3, lr_patience: int = 1, patience: int = 3,
                    max_steps: int | None = None, n_boot: int = 1000, device=None, num_workers: int = 0,
-                   seed: int = 0, inputs: dict | None = None, log=print) -> dict:
+                   seed: int = 0, inputs: dict | None = None, log=print, precision: str = 'fp32') -> dict:
     "Train on `df[split=='train']`, threshold on 'val', evaluate on 'test'; write the checkpoint `out` and its provenance."
     from cxr_pggan.data import CXRDataset
     check_writable(out); num_workers = cap_workers(num_workers)
@@ -375,15 +382,15 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
     ch = 1
     res = train_classifier(model, CXRDataset(parts['train'], model.input_size, ch, augment=True), CXRDataset(parts['val'], model.input_size, ch),
                            epochs=epochs, batch_size=batch_size, lr=lr, lr_patience=lr_patience, patience=patience,
-                           max_steps=max_steps, device=device, num_workers=num_workers, seed=seed, log=log)
+                           max_steps=max_steps, device=device, num_workers=num_workers, seed=seed, log=log, precision=precision)
     yt, lt = predict_logits(res['model'], CXRDataset(parts['test'], model.input_size, ch), batch_size=max(32, batch_size),
                             num_workers=num_workers, desc='test')
     table = roc_auc_table(yt, lt, model.labels, n_boot=n_boot, seed=seed)
     summary = dict(history=res['history'], best_epoch=res['best_epoch'], val_macro_auc=res['val_macro_auc'],
                    test_macro_auc=float(table.auc.iloc[-1]), w_pos=res['w_pos'], w_neg=res['w_neg'],
-                   split_sizes={s: len(d) for s, d in parts.items()})
+                   split_sizes={s: len(d) for s, d in parts.items()}, precision_used=res['precision_used'])
     params = dict(arch=arch, input_size=model.input_size, epochs=epochs, batch_size=batch_size, lr=lr, lr_patience=lr_patience,
-                  patience=patience, max_steps=max_steps, n_boot=n_boot, seed=seed)
+                  patience=patience, max_steps=max_steps, n_boot=n_boot, seed=seed, precision=precision)
     save_classifier(res['model'].cpu(), out, params=params, summary=summary)
     write_provenance(out, params=params, seed=seed, inputs=inputs,
                      weights={'init': model.init_weights or 'none: random initialisation (no ImageNet weights found)'},
@@ -474,11 +481,11 @@ def check_patient_column(folder, metadata=None):
 # %% ../nbs/07_classifier.ipynb #d2fdd3cb
 register_profile('classifier',
     smoke=dict(generator=None, image_list=None, input_size=32, epochs=1, batch_size=16, lr=1e-3, lr_patience=1, max_steps=2,
-               patience=3, n_boot=100, workers=0, seed=0),
+               patience=3, n_boot=100, workers=0, seed=0, precision='fp32'),
     demo=dict(generator='auto', image_list=None, input_size=32, epochs=20, batch_size=32, lr=1e-3, lr_patience=1, max_steps=None,
-              patience=4, n_boot=1000, workers=0, seed=0),
+              patience=4, n_boot=1000, workers=0, seed=0, precision='fp32'),
     paper=dict(generator='auto', image_list=None, input_size=224, epochs=50, batch_size=16, lr=1e-3, lr_patience=1, max_steps=None,
-               patience=5, n_boot=1000, workers=8, seed=0));
+               patience=5, n_boot=1000, workers=8, seed=0, precision='fp32'));
 
 # %% ../nbs/07_classifier.ipynb #a033b573
 def transfer_cli_frame(a, P: dict) -> tuple[pd.DataFrame, dict]:
@@ -503,7 +510,7 @@ def train_classifier_cli(argv: list[str]) -> int:
     from cxr_pggan.core import section_params
     ap = CLIParser(prog='cxr-pggan train-classifier',
                                  description='Train the 15-label classifier (DenseNet-121 or discriminator), set Youden thresholds on val, report test ROC AUC.')
-    ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper'], help="defaults of every knob (default: demo)")
+    ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper', 'kaggle'], help="defaults of every knob (default: demo)")
     ap.add_argument('--data', help="dataset: a folder in the NIH layout (images/ or images_0XX/images/ + Data_Entry_2017*.csv), 'nih' or 'phantom'")
     ap.add_argument('--metadata', help='metadata CSV (default: the Data_Entry_2017*.csv in --data)')
     ap.add_argument('--splits', help="splits CSV from `cxr-pggan split` (default: the dataset's shared split, made once)")
@@ -531,7 +538,8 @@ def train_classifier_cli(argv: list[str]) -> int:
         df, inputs = classifier_frame(P, a.splits)
     r = fit_classifier(df, a.out, arch=a.arch, input_size=P['input_size'], weights=a.weights, discriminator=a.discriminator,
                        epochs=P['epochs'], batch_size=P['batch_size'], lr=P['lr'], lr_patience=P['lr_patience'], patience=P['patience'],
-                       max_steps=P['max_steps'], n_boot=P['n_boot'], device=a.device, num_workers=P['workers'], seed=P['seed'], inputs=inputs)
+                       max_steps=P['max_steps'], n_boot=P['n_boot'], device=a.device, num_workers=P['workers'], seed=P['seed'], inputs=inputs,
+                       precision=P['precision'])
     csv = Path(a.out).with_suffix('.auc.csv')
     with atomic_path(csv) as tmp: r['auc'].to_csv(tmp, index=False)
     write_provenance(csv, params=P | vars(a), seed=P['seed'], inputs=inputs | {'classifier': a.out}, weights=classifier_provenance(a.out))

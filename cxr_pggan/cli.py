@@ -172,6 +172,7 @@ def reproduce(profile: str = 'demo', only: list[str] | None = None, nbs: str | P
         bad = sorted(set(parameters) - known - {'profile'})
         if bad: raise ValueError(f"-p {', '.join(bad)}: not a knob of any notebook; `cxr-pggan params --profile {profile}` lists them")
     logging.getLogger('papermill').addFilter(_DropUnknownParameter())
+    os.environ.setdefault('CXR_PGGAN_SESSION_START', str(time.time()))   # one clock for every notebook's time_budget
     summary = dict(profile=profile, notebooks=[])
     t_all = time.time()
     for p in todo:
@@ -196,8 +197,8 @@ def reproduce(profile: str = 'demo', only: list[str] | None = None, nbs: str | P
 
 # %% ../nbs/03_cli.ipynb #9baa0fdf
 def reproduce_cli(argv: list[str]) -> int:
-    ap = CLIParser(prog='cxr-pggan reproduce', description='Run every paper notebook with papermill in a profile (smoke, demo, paper).')
-    ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper'])
+    ap = CLIParser(prog='cxr-pggan reproduce', description='Run every paper notebook with papermill in a profile (smoke, demo, paper, kaggle).')
+    ap.add_argument('--profile', default='demo', choices=list(PROFILE_NAMES))
     ap.add_argument('--only', nargs='*', help='run only notebooks whose name starts with these prefixes, e.g. 01 06')
     ap.add_argument('-p', '--param', nargs=2, action='append', metavar=('KNOB', 'VALUE'), default=[],
                     help='a knob for every notebook that has it (VALUE parsed as JSON when possible), e.g. -p dataset /data/nih')

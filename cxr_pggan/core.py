@@ -4,19 +4,21 @@
 
 # %% ../nbs/00_core.ipynb #ee1cbc17
 from __future__ import annotations
-import contextlib, copy, datetime, hashlib, json, os, platform, random, subprocess, sys, tempfile, warnings
+import contextlib, copy, dataclasses, datetime, hashlib, json, os, platform, random, subprocess, sys, tempfile, warnings
 from importlib import metadata as _md
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['OWNER_FILE', 'PROFILE_NAMES', 'PROFILES', 'repo_root', 'outputs_dir', 'data_dir', 'shared_dir', 'atomic_path',
+__all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGLE_KNOBS', 'PROFILE_NAMES', 'PRECISIONS',
+           'repo_root', 'on_kaggle', 'kaggle_dirs', 'outputs_dir', 'data_dir', 'shared_dir', 'atomic_path',
            'atomic_write', 'OutputExistsError', 'claim_folder', 'foreign_files', 'is_foreign', 'check_writable',
-           'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile', 'profile_params', 'knob_names',
-           'section_params', 'clear_knobs', 'notebook_params', 'file_sha256', 'git_state', 'package_versions',
-           'device_info', 'provenance', 'write_provenance', 'payload_digest', 'CorruptFileError', 'torch_load',
-           'save_table', 'write_bench_json', 'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device',
-           'cap_workers', 'parse_sets', 'one_line']
+           'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile', 'derive_profile',
+           'profile_params', 'knob_names', 'section_params', 'clear_knobs', 'notebook_params', 'file_sha256',
+           'git_state', 'package_versions', 'device_info', 'provenance', 'write_provenance', 'payload_digest',
+           'CorruptFileError', 'torch_load', 'save_table', 'Precision', 'resolve_precision', 'parse_duration',
+           'TimeBudget', 'dir_bytes', 'enforce_size_cap', 'write_bench_json', 'dist_env', 'progress', 'CLIParser',
+           'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
@@ -33,9 +35,19 @@ def _env_dir(var, default):
     v = os.environ.get(var)
     return Path(v).expanduser().resolve() if v else default
 
+def on_kaggle() -> bool:
+    "True inside a Kaggle notebook session (Kaggle sets `KAGGLE_KERNEL_RUN_TYPE`)."
+    return bool(os.environ.get('KAGGLE_KERNEL_RUN_TYPE'))
+
+def kaggle_dirs() -> dict:
+    "Kaggle's attached-input root and its persistent working folder (`$CXR_PGGAN_KAGGLE_INPUT`, `$CXR_PGGAN_KAGGLE_WORKING` move them, for tests)."
+    return dict(input=_env_dir('CXR_PGGAN_KAGGLE_INPUT', Path('/kaggle/input')),
+                working=_env_dir('CXR_PGGAN_KAGGLE_WORKING', Path('/kaggle/working')))
+
 def outputs_dir(*parts, create=True) -> Path:
-    "`outputs/` of the repo (or `$CXR_PGGAN_OUTPUTS`) joined with `parts`."
-    default = Path(tempfile.gettempdir()) / 'cxr_pggan_test_outputs' if os.environ.get('IN_TEST') else repo_root() / 'outputs'
+    "`outputs/` of the repo (or `$CXR_PGGAN_OUTPUTS`; on Kaggle `/kaggle/working/outputs`, the folder that outlives the session) joined with `parts`."
+    default = Path(tempfile.gettempdir()) / 'cxr_pggan_test_outputs' if os.environ.get('IN_TEST') else \
+              (kaggle_dirs()['working'] / 'outputs' if on_kaggle() else repo_root() / 'outputs')
     p = _env_dir('CXR_PGGAN_OUTPUTS', default).joinpath(*parts)
     if create: p.mkdir(parents=True, exist_ok=True)
     return p
@@ -179,29 +191,60 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
     return seed
 
 # %% ../nbs/00_core.ipynb #11f92850
-PROFILE_NAMES = ('smoke', 'demo', 'paper')
-PROFILES: dict[str, dict[str, dict]] = {p: {} for p in PROFILE_NAMES}
+BASE_PROFILES = ('smoke', 'demo', 'paper')
+DERIVED_PROFILES: dict[str, tuple[str, dict]] = {}      # name -> (base profile, knob overrides)
+PROFILES: dict[str, dict[str, dict]] = {p: {} for p in BASE_PROFILES}
+
+def _derive(section: str, name: str):
+    base, over = DERIVED_PROFILES[name]
+    d = copy.deepcopy(PROFILES[base][section])
+    d.update({k: copy.deepcopy(v) for k, v in over.items() if k in d})
+    PROFILES[name][section] = d
 
 def register_profile(section: str, **profiles: dict) -> dict:
-    "Register the defaults of `section` for every profile (keyword per profile name)."
-    missing = set(PROFILE_NAMES) - set(profiles)
-    unknown = set(profiles) - set(PROFILE_NAMES)
-    if missing or unknown: raise ValueError(f"register_profile({section!r}): give exactly {PROFILE_NAMES}; missing {sorted(missing)}, unknown {sorted(unknown)}")
+    "Register the defaults of `section` for every base profile (keyword per profile name); derived profiles follow by themselves."
+    missing = set(BASE_PROFILES) - set(profiles)
+    unknown = set(profiles) - set(BASE_PROFILES)
+    if missing or unknown: raise ValueError(f"register_profile({section!r}): give exactly {BASE_PROFILES}; missing {sorted(missing)}, unknown {sorted(unknown)}")
     keys = {n: set(d) for n, d in profiles.items()}
     if len({frozenset(k) for k in keys.values()}) != 1:
         raise ValueError(f"register_profile({section!r}): profiles must set the same keys, got {keys}")
     if 'profile' in keys['smoke']: raise ValueError(f"register_profile({section!r}): 'profile' is not a knob (it names the profile)")
     for n, d in profiles.items(): PROFILES[n][section] = copy.deepcopy(dict(d))
+    for n in DERIVED_PROFILES: _derive(section, n)
     return {n: dict(d) for n, d in profiles.items()}
 
 # %% ../nbs/00_core.ipynb #5e34ce9d
+def derive_profile(name: str, base: str, **overrides) -> dict:
+    "Declare profile `name` = profile `base` with `overrides` (knob -> value) applied in every section that has the knob."
+    if name in BASE_PROFILES: raise ValueError(f"derive_profile: {name!r} is a base profile")
+    if base not in BASE_PROFILES: raise ValueError(f"derive_profile({name!r}): base must be one of {BASE_PROFILES}, not {base!r}")
+    DERIVED_PROFILES[name] = (base, copy.deepcopy(overrides))
+    PROFILES[name] = {}
+    for s in PROFILES[base]: _derive(s, name)
+    return DERIVED_PROFILES[name][1]
+
+KAGGLE_KNOBS = dict(
+    dataset='kaggle',          # the NIH folder attached under /kaggle/input, found by its Data_Entry_2017.csv
+    split='official',          # NIH's test_list.txt / train_val_list.txt
+    precision='auto',          # fp16 + dynamic loss scaling on T4/P100, bf16 on Ampere and newer
+    checkpointing=True,        # activation checkpointing in G and D: the paper's per-GPU batch in 16 GB
+    time_budget='11h30m',      # stop cleanly (checkpoint, exit 0) before the 12-hour session limit
+    max_outputs_gib=15.0,      # keep /kaggle/working (20 GB) under this: oldest own checkpoints deleted first
+    workers=4,                 # Kaggle gives 4 CPU cores
+    processes='auto')          # one training process per GPU (both T4s), started by the notebook itself
+derive_profile('kaggle', 'paper', **KAGGLE_KNOBS)
+PROFILE_NAMES = BASE_PROFILES + ('kaggle',)
+
+# %% ../nbs/00_core.ipynb #588f5eb3
 def _coerce(section: str, key: str, value):
     "`value` for knob `key`: JSON-decoded when it is text and the knob is not text in any profile."
     if not isinstance(value, str): return value
-    kinds = {type(PROFILES[n][section][key]) for n in PROFILE_NAMES} - {type(None)}
+    kinds = {type(PROFILES[n][section][key]) for n in PROFILES if section in PROFILES[n]} - {type(None)}
     if not kinds or kinds <= {str}: return value
     try: return json.loads(value)
     except json.JSONDecodeError:
+        if str in kinds: return value                            # a knob that takes text too ('auto' or a number)
         raise ValueError(f"{section}: knob {key!r} takes {'/'.join(sorted(t.__name__ for t in kinds))}, "
                          f"got the text {value!r}; write it as JSON, e.g. {json.dumps(PROFILES['demo'][section][key])}") from None
 
@@ -389,6 +432,118 @@ def save_table(df, path: str | Path, note: str | None = None, floatfmt: str = '.
     atomic_write(md, (f'> **{note}**\n\n' if note else '') + df.to_markdown(index=False, floatfmt=floatfmt) + '\n')
     for f in (path, md): write_provenance(f, extra=dict(note=note) if note else None, **prov)
     return [path, md]
+
+# %% ../nbs/00_core.ipynb #215fc21d
+PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    "A resolved `precision` knob: autocast dtype (None: fp32), whether fp16 loss scaling is needed, and the label provenance records."
+    asked: str
+    dtype: object
+    scaler: bool
+    device_type: str
+    label: str
+    def autocast(self):
+        "The autocast context of this precision (a no-op for fp32)."
+        import torch
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+    def grad_scaler(self, init_scale: float = 2.0 ** 16):
+        "A `torch.amp.GradScaler` (disabled, so a pass-through, unless fp16 needs it)."
+        import torch
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale, enabled=self.scaler)
+    def record(self) -> dict: return dict(precision=self.asked, precision_used=self.label)
+
+def _native_bf16(device) -> bool:
+    import torch
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+def resolve_precision(precision: str = 'fp32', device=None, cpu: bool = False) -> Precision:
+    "The `Precision` that `precision` (fp32 | bf16 | fp16 | auto) means on `device` (default: CUDA when present)."
+    import torch
+    if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    P = lambda dt, sc, label: Precision(precision, dt, sc, dev.type, label)
+    if dev.type == 'cuda':
+        if precision == 'auto': precision = 'bf16' if _native_bf16(dev) else 'fp16'
+        if precision == 'bf16':
+            if _native_bf16(dev): return P(torch.bfloat16, False, 'bf16 autocast')
+            warnings.warn(f"{torch.cuda.get_device_name(dev)} has no native bf16: running fp32 (precision='fp16' or 'auto' is the fast choice here)", stacklevel=2)
+            return P(None, False, 'fp32 (TF32 matmuls; bf16 not native here)')
+        if precision == 'fp16': return P(torch.float16, True, 'fp16 autocast + dynamic loss scaling')
+        return P(None, False, 'fp32 (TF32 matmuls)')
+    if dev.type == 'cpu' and cpu and precision in ('bf16', 'fp16'):
+        return P(torch.bfloat16 if precision == 'bf16' else torch.float16, precision == 'fp16',
+                 f"{precision} autocast on CPU" + (' + dynamic loss scaling' if precision == 'fp16' else ''))
+    return P(None, False, 'fp32' if precision in ('fp32', 'auto') else f'fp32 ({precision} asked; CPUs run fp32)')
+
+# %% ../nbs/00_core.ipynb #2b6691fd
+import re as _re
+
+def parse_duration(text, what: str = 'time_budget') -> float | None:
+    "Seconds in `text` ('11h30m', '90m', '20s', '1.5h', '45'); None for None/''/'none'. A bad string is a one-line ValueError."
+    if text is None or (isinstance(text, str) and text.strip().lower() in ('', 'none', 'null')): return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text > 0: return float(text)
+    elif isinstance(text, str):
+        t = text.strip().lower().replace(' ', '')
+        m = _re.fullmatch(r'(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?', t)
+        if m and t and any(m.groups()):
+            secs = sum(float(v or 0) * f for v, f in zip(m.groups(), (3600, 60, 1)))
+            if secs > 0: return secs
+    raise ValueError(f"{what} {text!r}: not a duration; write e.g. 11h30m, 90m, 20s or a number of seconds")
+
+class TimeBudget:
+    "The clock of a `time_budget`: `should_stop()` once the next step plus a checkpoint might not fit any more."
+    def __init__(self, budget=None, start: float | None = None, what: str = 'time_budget'):
+        import time
+        self.text, self.seconds = budget, parse_duration(budget, what)
+        env = os.environ.get('CXR_PGGAN_SESSION_START')
+        self.start = float(start if start is not None else (env if env else time.time()))
+        self.longest_step, self.reserve = 0.0, 0.0
+    def __bool__(self): return self.seconds is not None
+    def elapsed(self) -> float:
+        import time
+        return time.time() - self.start
+    def left(self) -> float: return float('inf') if self.seconds is None else self.seconds - self.elapsed()
+    def step_took(self, seconds: float): self.longest_step = max(self.longest_step, float(seconds))
+    def save_took(self, seconds: float): self.reserve = max(self.reserve, float(seconds))
+    def should_stop(self) -> bool:
+        "True when two of the longest steps so far plus the longest checkpoint write no longer fit in what is left."
+        return self.seconds is not None and self.left() <= 2 * self.longest_step + 1.5 * self.reserve
+    def __repr__(self): return f"TimeBudget({self.text!r}: {self.elapsed():.0f} s of {self.seconds} s used)"
+
+# %% ../nbs/00_core.ipynb #53e3fc30
+def dir_bytes(root: str | Path) -> int:
+    "Total size of the files under `root` (0 when it does not exist)."
+    total = 0
+    for dp, _, files in os.walk(root):
+        for f in files:
+            try: total += os.lstat(os.path.join(dp, f)).st_size
+            except OSError: pass
+    return total
+
+def enforce_size_cap(root: str | Path, cap_gib: float | None, candidates, writer: str, keep: int = 1, log=print) -> list[Path]:
+    """Delete `candidates` (oldest first; never the newest `keep`) while `root` holds more than `cap_gib` GiB. Only files
+    in a folder marked as `writer`'s (`claim_folder`) and not recorded there as foreign are deleted, with their
+    `.provenance.json`; every deletion is logged. Returns the deleted paths."""
+    if cap_gib in (None, '', 0): return []
+    cap = float(cap_gib) * 2 ** 30
+    size = dir_bytes(root)
+    if size <= cap: return []
+    gone, cands = [], [Path(c) for c in candidates][:-keep] if keep > 0 else [Path(c) for c in candidates]
+    for c in cands:
+        if size <= cap: break
+        mark = c.parent / OWNER_FILE
+        try: m = json.loads(mark.read_text()) if mark.is_file() else {}
+        except (OSError, json.JSONDecodeError): m = {}
+        if m.get('writer') != writer or c.name in set(m.get('foreign', [])) or not c.is_file(): continue
+        for f in (c, c.with_name(c.name + '.provenance.json')):
+            if f.is_file(): size -= f.stat().st_size; f.unlink()
+        gone.append(c)
+    if gone: log(f"outputs over {float(cap_gib):g} GiB: deleted {len(gone)} of this run's older checkpoints: {', '.join(p.name for p in gone)}")
+    if size > cap: log(f"warning: {root} still holds {size / 2**30:.2f} GiB (cap {float(cap_gib):g} GiB) after deleting what this run owns")
+    return gone
 
 # %% ../nbs/00_core.ipynb #95bf4202
 def write_bench_json(record: dict, path: str | Path | None) -> dict:

@@ -11,11 +11,12 @@ from .core import (CLIParser, atomic_path, atomic_write, data_dir, file_sha256, 
                             profile_params, write_provenance, seed_everything, shared_dir)
 
 # %% auto #0
-__all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'SPLIT_COLUMNS', 'MetadataError', 'default_metadata_path',
-           'parse_labels', 'load_metadata', 'label_matrix', 'MissingImagesError', 'index_images', 'find_images',
-           'metadata_in', 'load_folder', 'ImageDecodeError', 'read_image', 'paper_augment', 'CXRDataset',
-           'valid_fractions', 'patient_counts', 'refine_split', 'patient_split', 'split_report', 'max_prevalence_drift',
-           'empty_positives', 'write_splits', 'load_splits', 'prevalence_table', 'plot_prevalence', 'split_cli',
+__all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'OFFICIAL_LISTS', 'SPLIT_COLUMNS', 'MetadataError',
+           'default_metadata_path', 'parse_labels', 'load_metadata', 'label_matrix', 'MissingImagesError',
+           'index_images', 'find_images', 'metadata_in', 'load_folder', 'ImageDecodeError', 'read_image',
+           'paper_augment', 'CXRDataset', 'valid_fractions', 'patient_counts', 'refine_split', 'patient_split',
+           'split_report', 'max_prevalence_drift', 'empty_positives', 'read_image_list', 'official_lists',
+           'official_split', 'write_splits', 'load_splits', 'prevalence_table', 'plot_prevalence', 'split_cli',
            'bench_split_cli']
 
 # %% ../nbs/01_data.ipynb #6f87cf9d
@@ -347,15 +348,58 @@ def empty_positives(df: pd.DataFrame, split: pd.Series, labels=LABELS) -> list[t
         out += [(str(name), l, int(total[l])) for l in labels if total[l] > 0 and got[l] == 0]
     return out
 
-# %% ../nbs/01_data.ipynb #2a803c4d
+# %% ../nbs/01_data.ipynb #bc1d2244
+OFFICIAL_LISTS = ('train_val_list.txt', 'test_list.txt')
+
+def read_image_list(path: str | Path) -> list[str]:
+    "Image names of an NIH list file (one per line; blank lines ignored)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such list file; the official split needs NIH's {' and '.join(OFFICIAL_LISTS)} (they come with the images)")
+    return [l.strip() for l in path.read_text().splitlines() if l.strip()]
+
+def official_lists(folder: str | Path) -> tuple[Path, Path]:
+    "`(train_val_list.txt, test_list.txt)` in `folder` (an error naming the missing one)."
+    folder = Path(folder)
+    for n in OFFICIAL_LISTS:
+        if not (folder / n).is_file():
+            raise FileNotFoundError(f"{folder / n}: not found; split='official' needs NIH's {' and '.join(OFFICIAL_LISTS)} beside the "
+                                    "metadata (they come with the images), or use split='random'")
+    return folder / OFFICIAL_LISTS[0], folder / OFFICIAL_LISTS[1]
+
+def official_split(df: pd.DataFrame, train_val_list, test_list, fractions=(0.7, 0.1, 0.2), seed: int = 0,
+                   labels=LABELS) -> pd.Series:
+    "Split name per image: 'test' from `test_list`, `train_val_list` split by patient into 'train'/'val' (stratified)."
+    tv, te = set(read_image_list(train_val_list)), set(read_image_list(test_list))
+    both = tv & te
+    if both: raise ValueError(f"{test_list}: image {sorted(both)[0]} is also in {train_val_list}; the lists must not overlap")
+    name = df['Image Index'].astype(str)
+    in_tv, in_te = name.isin(tv).to_numpy(), name.isin(te).to_numpy()
+    pid = df['Patient ID']
+    shared = sorted(set(pid[in_tv]) & set(pid[in_te]))
+    if shared: raise ValueError(f"patient {shared[0]} has images in both {Path(train_val_list).name} and {Path(test_list).name} "
+                                f"({len(shared)} such patient(s)); the official split is patient-disjoint: fix the lists")
+    neither = ~(in_tv | in_te)
+    if neither.any(): raise ValueError(f"{int(neither.sum())} metadata image(s) are in neither {Path(train_val_list).name} nor "
+                                       f"{Path(test_list).name} (first: {name[neither].iloc[0]}); use the lists that came with these images")
+    out = pd.Series(np.where(in_te, 'test', 'train').astype(object), index=df.index, name='split')
+    fr = [float(f) for f in fractions]
+    if len(fr) == 3 and in_tv.sum():
+        val = fr[1] / (fr[0] + fr[1])
+        sub = df[in_tv]
+        if sub['Patient ID'].nunique() >= 2:
+            out[in_tv] = patient_split(sub, (1 - val, val), ('train', 'val'), seed, labels).to_numpy()
+    return out
+
+# %% ../nbs/01_data.ipynb #7be836cf
 SPLIT_COLUMNS = ['Image Index', 'Patient ID', 'split']
 
 def write_splits(df: pd.DataFrame, out_dir: str | Path, fractions=(0.7, 0.1, 0.2), seed: int = 0,
-                 halves: bool = False, names=None, metadata_path: str | Path | None = None) -> Path:
-    "Compute a patient-level split of `df` and write `out_dir/splits.csv` (+ report and provenance); returns its path."
+                 halves: bool = False, names=None, metadata_path: str | Path | None = None, official=None) -> Path:
+    """Compute a patient-level split of `df` and write `out_dir/splits.csv` (+ report and provenance); returns its path.
+    `official`: `(train_val_list, test_list)` paths: NIH's official test set, train/val split by patient (`official_split`)."""
     if halves: fractions, names = (0.5, 0.5), names or ('half_1', 'half_2')
     t0 = time.time()
-    split = patient_split(df, fractions, names, seed)
+    split = official_split(df, *official, fractions, seed) if official else patient_split(df, fractions, names, seed)
     secs = time.time() - t0
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / 'splits.csv'
@@ -366,8 +410,9 @@ def write_splits(df: pd.DataFrame, out_dir: str | Path, fractions=(0.7, 0.1, 0.2
         warnings.warn(f"split {name!r} has no image with {lab} (the whole set has {n}): AUCs and Youden thresholds of {lab} "
                       f"are undefined there; use more images, other --fractions, or drop the label", stacklevel=2)
     src = metadata_path or df.attrs.get('source')
-    write_provenance(path, params=dict(fractions=list(map(float, fractions)), names=list(pd.unique(split)), seed=seed, halves=halves),
-                     seed=seed, inputs={'metadata': src} if src else {},
+    write_provenance(path, params=dict(fractions=list(map(float, fractions)), names=list(pd.unique(split)), seed=seed, halves=halves,
+                                       split='official' if official else 'random'),
+                     seed=seed, inputs=({'metadata': src} if src else {}) | (dict(zip(('train_val_list', 'test_list'), official)) if official else {}),
                      extra=dict(max_prevalence_drift_pp=max_prevalence_drift(rep), seconds=round(secs, 2),
                                 images=len(df), patients=int(df['Patient ID'].nunique())))
     return path
@@ -417,7 +462,7 @@ def plot_prevalence(tables: dict[str, pd.DataFrame], path: str | Path) -> Path:
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/01_data.ipynb #f534d396
+# %% ../nbs/01_data.ipynb #1f4a4876
 def split_cli(argv: list[str]) -> int:
     ap = CLIParser(prog='cxr-pggan split', description='Patient-level iterative-stratified splits of NIH-style metadata -> DIR/splits.csv')
     ap.add_argument('--metadata', help='Data_Entry CSV (2017, v2020 or Kaggle layout); default: the NIH v2020 table shipped in torchxrayvision')
@@ -427,14 +472,19 @@ def split_cli(argv: list[str]) -> int:
     ap.add_argument('--halves', action='store_true', help="two stratified halves 'half_1'/'half_2' (the FID zero measure)")
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out folder beside its files (never changing them)')
+    ap.add_argument('--official', nargs='?', const='', metavar='DIR', help="NIH's official split: test_list.txt is the test set, "
+                    "train_val_list.txt is split into train/val by patient; the lists are read from DIR (default: the folder of --metadata)")
     a = ap.parse_args(argv)
     from cxr_pggan.core import claim_folder, check_all_writable
     if not a.halves and not valid_fractions(a.fractions):
         raise ValueError(f"--fractions {' '.join(map(str, a.fractions))}: give two or more positive numbers that sum to 1, e.g. 0.7 0.1 0.2")
+    if a.official is not None and a.halves: raise ValueError("--official and --halves: choose one")
+    if a.official == '' and not a.metadata: raise ValueError("--official: give the folder of NIH's train_val_list.txt and test_list.txt (--official DIR) or --metadata beside them")
+    lists = official_lists(a.official or Path(a.metadata).parent) if a.official is not None else None
     df = load_metadata(a.metadata)
     claim_folder(a.out, 'split', force=a.force)
     check_all_writable([Path(a.out) / f for f in ('splits.csv', 'split_report.csv')], a.out)
-    path = write_splits(df, a.out, a.fractions, a.seed, a.halves, a.names)
+    path = write_splits(df, a.out, a.fractions, a.seed, a.halves, a.names, official=lists)
     rep = pd.read_csv(Path(a.out) / 'split_report.csv', index_col=0)
     print(rep[['images', 'patients', 'share']].to_string())
     print(f"largest prevalence drift: {max_prevalence_drift(rep):.3f} percentage points -> {path}")

@@ -8,19 +8,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import data_dir, file_sha256, outputs_dir, register_profile
+import os
+from .core import data_dir, file_sha256, kaggle_dirs, on_kaggle, outputs_dir, register_profile
 
 # %% auto #0
-__all__ = ['ARTIFACTS', 'Dataset', 'resolve_dataset', 'artifact', 'find_artifact', 'dataset_splits']
+__all__ = ['ARTIFACTS', 'Dataset', 'find_kaggle_nih', 'resolve_dataset', 'artifact', 'find_artifact', 'dataset_splits']
 
 # %% ../nbs/02a_experiment.ipynb #e8c88b04
 register_profile('dataset',
     smoke=dict(dataset='phantom', metadata=None, phantom_n=64, phantom_size=64, phantom_enrich=0.0, phantom_seed=0,
-               fractions=[0.7, 0.1, 0.2], split_seed=0),
+               fractions=[0.7, 0.1, 0.2], split_seed=0, split='random'),
     demo=dict(dataset='phantom', metadata=None, phantom_n=1200, phantom_size=128, phantom_enrich=1.0, phantom_seed=0,
-              fractions=[0.7, 0.1, 0.2], split_seed=0),
+              fractions=[0.7, 0.1, 0.2], split_seed=0, split='random'),
     paper=dict(dataset='nih', metadata=None, phantom_n=10000, phantom_size=1024, phantom_enrich=0.0, phantom_seed=0,
-               fractions=[0.7, 0.1, 0.2], split_seed=0));
+               fractions=[0.7, 0.1, 0.2], split_seed=0, split='random'));
 
 # %% ../nbs/02a_experiment.ipynb #556e7045
 @dataclass
@@ -31,6 +32,7 @@ class Dataset:
     folder: Path | None          # the NIH-layout folder holding the images (None: metadata only)
     metadata: Path               # the metadata CSV the frame was read from
     frame: pd.DataFrame          # canonical NIH frame (cxr_pggan.data.load_metadata), with `path` when images exist
+    split: str = 'random'        # 'random' | 'official' (NIH's lists): how `dataset_splits` splits it
 
     @property
     def has_images(self) -> bool: return 'path' in self.frame.columns
@@ -47,11 +49,46 @@ def _folder(value: str) -> Path:
     if p.is_absolute() or p.exists(): return p
     return data_dir(value, create=False) if data_dir(value, create=False).exists() else p
 
+def find_kaggle_nih(root: str | Path | None = None, max_depth: int = 4) -> Path:
+    """The folder under Kaggle's input root (`/kaggle/input`, `$CXR_PGGAN_KAGGLE_INPUT`) holding `Data_Entry_2017*.csv`,
+    whatever the attached dataset's slug; image folders are not walked. The one with images wins when there are several."""
+    root = Path(root) if root else kaggle_dirs()['input']
+    hits = []
+    for dp, dirs, files in os.walk(root):
+        depth = len(Path(dp).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if depth < max_depth and d != 'images' and not d.startswith('images_'))
+        if any(f.startswith('Data_Entry_2017') and f.endswith(('.csv', '.csv.gz')) for f in files): hits.append(Path(dp))
+    if not hits: raise FileNotFoundError(f"dataset='kaggle': no Data_Entry_2017.csv under {root}; attach NIH ChestX-ray14 to this notebook "
+                                         "(Add Input -> Datasets -> 'NIH Chest X-rays') or give the folder (-p dataset /kaggle/input/...)")
+    with_images = [h for h in hits if any(h.glob('images_*/images')) or (h / 'images').is_dir()]
+    return (with_images or hits)[0]
+
+def _kaggle_nih() -> Path:
+    if not on_kaggle(): raise ValueError("dataset='kaggle' finds NIH ChestX-ray14 attached to a Kaggle notebook, and this is not one "
+                                         "(KAGGLE_KERNEL_RUN_TYPE is not set); give the NIH folder instead (CLI --data DIR, papermill -p dataset DIR)")
+    return find_kaggle_nih()
+
 def resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
     """The dataset of the knobs `P` (the `dataset` section). `images=True`: images are required;
     `None`: used when present; `False`: metadata only."""
+    split = P.get('split') or 'random'
+    if split not in ('random', 'official'): raise ValueError(f"split {split!r}: choose 'random' (stratified by patient) or 'official' (NIH's test_list.txt)")
+    ds = _resolve_dataset(P, images)
+    ds.split = split
+    return ds
+
+def _resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
     from cxr_pggan import data as D
     kind = P['dataset']
+    nih_local = data_dir('nih', create=False)
+    if kind == 'kaggle' or (kind == 'nih' and on_kaggle() and not (nih_local / 'images').is_dir() and not any(nih_local.glob('images_*'))):
+        try: folder = _kaggle_nih()
+        except (ValueError, FileNotFoundError):
+            if kind == 'kaggle': raise                          # 'nih' on Kaggle without an attached copy: as elsewhere
+        else:
+            ds = _resolve_dataset(dict(P, dataset=str(folder)), images)
+            ds.kind, ds.name = 'nih', 'nih'
+            return ds
     if kind == 'phantom':
         from cxr_pggan.phantom import ensure_phantom
         folder = ensure_phantom(P['phantom_n'], P['phantom_size'], P['phantom_seed'], enrich=P['phantom_enrich'] or 0.0)
@@ -124,24 +161,28 @@ def find_artifact(value, kind: str, profile: str, required: bool = True, name: s
     raise FileNotFoundError(f"{kind} {value!r}: no such file or folder (looked in {Path.cwd()} and {outputs_dir(create=False)})")
 
 # %% ../nbs/02a_experiment.ipynb #ab74d0bf
-def _splits_fit(path: Path, ds: Dataset, fractions, seed: int) -> bool:
+def _splits_fit(path: Path, ds: Dataset, fractions, seed: int, split: str = 'random') -> bool:
     prov = path.with_name(path.name + '.provenance.json')
     if not (path.is_file() and prov.is_file()): return False
     try: rec = json.loads(prov.read_text())
     except (OSError, json.JSONDecodeError): return False
     p, meta = rec.get('params', {}), rec.get('inputs', {}).get('metadata', {})
     if p.get('fractions') != [float(f) for f in fractions] or p.get('seed') != seed: return False
+    if p.get('split', 'random') != split: return False
     if meta.get('sha256') != file_sha256(ds.metadata): return False
     names = pd.read_csv(path, usecols=['Image Index'], dtype=str)['Image Index']
     return bool(ds.frame['Image Index'].isin(set(names)).all())
 
-def dataset_splits(ds: Dataset, profile: str, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> tuple[pd.DataFrame, Path]:
+def dataset_splits(ds: Dataset, profile: str, fractions=(0.7, 0.1, 0.2), seed: int = 0, split: str | None = None) -> tuple[pd.DataFrame, Path]:
     """`(frame with a 'split' column, splits.csv)` of `ds`: the `splits` artifact when it fits, else made (and written) now.
     The split is always made on every row of the metadata file, also when some images are missing, so a notebook that
-    reads only the metadata and one that reads the images agree on every patient's split."""
+    reads only the metadata and one that reads the images agree on every patient's split. `split` ('random' |
+    'official'; default: the dataset's `split` knob): 'official' takes NIH's lists from beside the metadata."""
     from cxr_pggan import data as D
+    split = split or ds.split
     path = artifact('splits', profile, ds.name)
-    if not _splits_fit(path, ds, fractions, seed):
+    if not _splits_fit(path, ds, fractions, seed, split):
+        official = D.official_lists(Path(ds.metadata).parent) if split == 'official' else None
         full = D.load_metadata(ds.metadata) if ds.has_images else ds.frame
-        D.write_splits(full, path.parent, fractions, seed, metadata_path=ds.metadata)
+        D.write_splits(full, path.parent, fractions, seed, metadata_path=ds.metadata, official=official)
     return D.load_splits(path, ds.frame), path

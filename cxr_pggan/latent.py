@@ -8,7 +8,8 @@ import argparse, json, math, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .core import CLIParser, atomic_path, atomic_write, progress, register_profile, write_provenance, seed_everything, write_bench_json
+from .core import (CLIParser, atomic_path, atomic_write, progress, register_profile, resolve_precision, write_provenance,
+                            seed_everything, write_bench_json)
 from .data import LABELS
 from .experiment import artifact, find_artifact
 from .pggan import ImageGenerator, as_image_generator, sample_z
@@ -79,7 +80,8 @@ def label_set(cls, labels=LABELS) -> list[int]:
 def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = None, steps: int = 100, lr: float = 0.05,
                    batch_size: int = 32, jitter: bool = False, truncation: float = 0.7, normalise: bool = True,
                    targets: torch.Tensor | None = None, seed: int = 0, device=None, amp: bool = False,
-                   exclusive: bool = False, exclusive_margin: float = 0.5, desc: str | None = None) -> LatentResult:
+                   exclusive: bool = False, exclusive_margin: float = 0.5, desc: str | None = None,
+                   precision: str | None = None) -> LatentResult:
     """Algorithm 1 for class `cls` on `n` latents (or the given `z`): gradient ascent on the class logit until each
     sample reaches its target. `exclusive=True` (our extension, for labelled cohorts): `cls` may be a label set
     ('Effusion|Mass'); the ascent adds −Σ softplus(logit_j − threshold_j + margin) over every other finding j, and a
@@ -102,7 +104,12 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
     nsteps, conv = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
     scale = lr * math.sqrt(G.latent_dim)
     t0, zsteps = time.perf_counter(), 0
-    ac = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+    # `precision` (fp32 | bf16 | fp16 | auto, `core.resolve_precision`) overrides `amp` (bf16 autocast); fp16 takes the gradient
+    # of a 2^12-scaled objective against underflow and divides it back (retried unscaled if that overflows)
+    if precision is None: ac, gscale = (torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)), 1.0
+    else:
+        prec = resolve_precision(precision, device)
+        ac, gscale = prec.autocast(), (2.0 ** 12 if prec.scaler else 1.0)
     for b0 in progress(range(0, n, batch_size), desc=desc or f'optimise {clf.labels[c]}', unit='batch', leave=False):
         idx = torch.arange(b0, min(b0 + batch_size, n))
         zb, tb = zc[idx].to(device), tgt[idx].to(device)
@@ -134,8 +141,9 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
             if s == steps: break
             go = ~done
             if not go.any(): break
-            g, = torch.autograd.grad(obj[go].sum(), za)
-            g = g[go].float()
+            g, = torch.autograd.grad(obj[go].sum() * gscale, za, retain_graph=gscale != 1.0)
+            g = g[go].float() / gscale
+            if gscale != 1.0 and not torch.isfinite(g).all(): g = torch.autograd.grad(obj[go].sum(), za)[0][go].float()
             if normalise: g = g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
             else: g = g * lr
             zb[a[go]] = zb[a[go]] + g
@@ -346,11 +354,11 @@ def experiment_networks(P: dict):
 # %% ../nbs/10_class_optimisation.ipynb #cf41eabf
 register_profile('latent',
     smoke=dict(generator='random', classifier='random', classes=None, n_per_class=2, steps=10, lr=0.05, normalise=True, batch_size=16,
-               jitter=False, truncation=0.7, sigma=0.2, n_patients=3, verify_n=8, seed=0),
+               jitter=False, truncation=0.7, sigma=0.2, n_patients=3, verify_n=8, seed=0, precision='fp32'),
     demo=dict(generator='auto', classifier='auto', classes=None, n_per_class=4, steps=100, lr=0.05, normalise=True, batch_size=16,
-              jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=48, seed=0),
+              jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=48, seed=0, precision='fp32'),
     paper=dict(generator='auto', classifier='auto', classes=None, n_per_class=64, steps=200, lr=0.05, normalise=False, batch_size=32,
-               jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=0, seed=0));
+               jitter=True, truncation=0.7, sigma=0.2, n_patients=4, verify_n=0, seed=0, precision='fp32'));
 
 # %% ../nbs/10_class_optimisation.ipynb #e3ad4208
 def bench_latent(resolution: int = 256, classifier_size: int = 224, batch: int = 16, steps: int = 20, gain: float = 1.0,

@@ -166,6 +166,17 @@ class _Progressive(nn.Module):
         if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha.fill_(alpha); self.fading = alpha < 1.0 and self.level > 0
         return self
+    checkpointing = False   # activation checkpointing of the resolution blocks (`set_checkpointing`)
+    def set_checkpointing(self, on: bool = True):
+        """Recompute each resolution block's activations during backward instead of keeping them (memory for time:
+        `torch.utils.checkpoint`, non-reentrant, so the gradient penalty's double backward works through it)."""
+        self.checkpointing = bool(on)
+        return self
+    def _block(self, b, x):
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(b, x, use_reentrant=False)
+        return b(x)
     def grow_to(self, resolution: int):
         "Grow until the network works at `resolution`."
         while self.resolution < resolution: self.grow()
@@ -201,7 +212,7 @@ class Generator(_Progressive):
         n = len(self.blocks)
         for i, b in enumerate(self.blocks):
             if self.fading and i == n - 1: skip = upsample2(self.to_rgb[-2](x))
-            x = b(x)
+            x = self._block(b, x)
         y = self.to_rgb[-1](x)
         return torch.lerp(skip, y, self.alpha.to(y.dtype)) if self.fading else y
 
@@ -236,7 +247,7 @@ class Discriminator(_Progressive):
         if self.fading: skip = self._rgb(self.from_rgb[-2], F.avg_pool2d(img, 2))
         x = self._rgb(self.from_rgb[-1], img)
         for i in range(n - 1, -1, -1):
-            x = self.blocks[i](x)
+            x = self._block(self.blocks[i], x)
             if self.fading and i == n - 1: x = torch.lerp(skip, x, self.alpha.to(x.dtype))
         if self.mbstd is not None: x = self.mbstd(x)
         x = F.leaky_relu(self.conv(x), c.leak)

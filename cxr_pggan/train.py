@@ -9,19 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
-from .core import (CLIParser, CorruptFileError, atomic_path, cap_workers, check_device, claim_folder, device_info, dist_env,
+from .core import (CLIParser, CorruptFileError, PRECISIONS, TimeBudget, atomic_path, cap_workers, check_device, claim_folder,
+                            device_info, dist_env, enforce_size_cap, on_kaggle, parse_duration, resolve_precision,
                             outputs_dir, parse_sets, progress, register_profile, seed_everything, torch_load, write_provenance)
 from .experiment import artifact, resolve_dataset
 from .pggan import (Discriminator, Generator, PGGANConfig, from_unit, make_config, save_pggan,
                              to_unit, upsample2)
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at',
+__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'worker_processes',
            'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers',
            'index_batches', 'fade_in_reals', 'load_training_frame', 'RealImages', 'init_distributed', 'allreduce_grads',
-           'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'model_meta', 'save_train_checkpoint',
-           'save_grid', 'plot_curves', 'NonFiniteLossError', 'train', 'gan_knobs', 'train_config', 'knobs_epilog',
-           'train_cli', 'bench_gan', 'bench_gan_cli']
+           'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
+           'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'launch_train', 'train',
+           'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
 
 # %% ../nbs/06_gan_train.ipynb #11f72cf6
 def level_of(resolution: int) -> int: return int(math.log2(resolution)) - 2
@@ -56,7 +57,15 @@ def phase_at(schedule: list[dict], images: int) -> tuple[dict, float]:
     return schedule[-1], 1.0
 
 # %% ../nbs/06_gan_train.ipynb #b197f114
-PRECISIONS = ('fp32', 'bf16')
+# PRECISIONS ('fp32', 'bf16', 'fp16', 'auto') comes from cxr_pggan.core: one precision knob for every trainer
+def worker_processes(processes) -> int:
+    "The number of worker processes `processes` asks for: 'auto' = one per visible GPU (1 on a CPU)."
+    if processes in ('auto', None): return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    try: n = int(processes)
+    except (TypeError, ValueError): n = 0
+    if n < 1: raise ValueError(f"processes must be 'auto' or a whole number >= 1, got {processes!r}")
+    return n
+
 
 @dataclass
 class TrainConfig:
@@ -88,12 +97,14 @@ class TrainConfig:
     ema_beta: float = 0.999             # EMA of G's weights, per step
     fade_reals: bool = False            # during a fade, blend reals with their 2×-down-up-sampled copy (Karras 2018); the authors' code does not
     # speed
-    precision: str = 'fp32'             # 'fp32' (the authors), or 'bf16' autocast on GPUs that support it (CPUs run fp32 either way)
+    precision: str = 'fp32'             # 'fp32' (the authors), 'bf16', 'fp16' (dynamic loss scaling) or 'auto' (bf16 if native, else fp16 on GPUs; CPUs run fp32)
+    checkpointing: bool = False         # activation checkpointing in G and D (less memory, ~30% more compute; same gradients)
     compile: bool = False               # torch.compile G and D (the gradient penalty runs the eager D)
     channels_last: bool = True          # NHWC memory format on GPUs
     device: str | None = None           # 'cuda', 'cuda:1', 'cpu' (None: CUDA when present)
     cpu_threads: int | None = None      # torch threads on a CPU (None: torch's default, all cores)
     seed: int = 0                       # networks, latents, data order and noise
+    processes: int | str = 1            # worker processes on this machine: 'auto' = one per GPU; >1 from a notebook or plain call starts them with torchrun
     # run, resume and outputs
     run: str | None = None              # run name: outputs/checkpoints/<run> and outputs/samples/<run> (None: the profile's artifacts)
     resume: str = 'auto'                # 'auto' (newest valid checkpoint of the run), 'none', or a checkpoint path
@@ -104,10 +115,17 @@ class TrainConfig:
     sample_kimg: float = 50             # sample grids every this many kimg
     log_every: int = 100                # steps between train_log.csv rows
     n_samples: int = 16                 # fixed latents of the sample grids
+    # session limits
+    time_budget: str | None = None      # e.g. '11h30m': checkpoint and stop cleanly (exit 0) before this much time has passed
+    resume_from: str | None = None      # a folder of an earlier run (may be read-only, e.g. an attached Kaggle output): resume from its newest checkpoint
+    max_outputs_gib: float | None = None  # keep the outputs folder under this size by deleting this run's oldest checkpoints
 
     def __post_init__(self):
         self.batch_sizes, self.betas = [int(b) for b in self.batch_sizes], [float(b) for b in self.betas]
         if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        parse_duration(self.time_budget)                                 # a bad budget fails here, before any work
+        worker_processes(self.processes)
+        if self.max_outputs_gib is not None: self.max_outputs_gib = float(self.max_outputs_gib)
         if self.resolution < 4 or self.resolution & (self.resolution - 1): raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
         if not 4 <= self.start_resolution <= self.resolution or self.start_resolution & (self.start_resolution - 1):
             raise ValueError(f"start_resolution must be a power of two in [4, resolution={self.resolution}], got {self.start_resolution}")
@@ -134,9 +152,11 @@ class TrainConfig:
                      batch=p['batch'], end_kimg=p['end_img'] / 1000) for p in self.schedule()]
 
 # %% ../nbs/06_gan_train.ipynb #432c0be7
-def d_loss_wgangp(D, real, fake, lambda_gp: float = 10.0, drift: float = 1e-3, generator=None, autocast=None, D_gp=None):
+def d_loss_wgangp(D, real, fake, lambda_gp: float = 10.0, drift: float = 1e-3, generator=None, autocast=None, D_gp=None, scaler=None):
     """Critic loss and its parts (detached): E[D(fake)] - E[D(real)] + λ·GP + drift·E[D(real)²].
-    `D_gp`: the critic used for the penalty's double backward (the uncompiled one when `D` is `torch.compile`d)."""
+    `D_gp`: the critic used for the penalty's double backward (the uncompiled one when `D` is `torch.compile`d).
+    `scaler`: an enabled `GradScaler` (fp16): the penalty's `autograd.grad` runs on the scaled output and the gradient
+    is unscaled before its norm, as the PyTorch AMP examples prescribe ("gradient penalty")."""
     import contextlib
     ac = autocast or contextlib.nullcontext
     with ac():
@@ -144,7 +164,10 @@ def d_loss_wgangp(D, real, fake, lambda_gp: float = 10.0, drift: float = 1e-3, g
     eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator)
     x_hat = torch.lerp(real.detach().float(), fake.detach().float(), eps).requires_grad_(True)
     with ac(): d_hat = (D_gp or D)(x_hat).float()
-    (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+    if scaler is not None and scaler.is_enabled():
+        (sgrad,) = torch.autograd.grad(scaler.scale(d_hat.sum()), x_hat, create_graph=True)
+        grad = sgrad * (1.0 / scaler.get_scale())
+    else: (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
     gp = (grad.float().flatten(1).norm(2, dim=1) - 1).pow(2).mean()
     dr = d_real.pow(2).mean()
     wdist = d_real.mean() - d_fake.mean()
@@ -278,6 +301,23 @@ def list_checkpoints(folder) -> list[Path]:
 def latest_checkpoint(folder) -> Path | None:
     c = list_checkpoints(folder); return c[-1] if c else None
 
+def find_run_checkpoints(folder, run: str | None = None) -> list[Path]:
+    """Training checkpoints of an earlier run under `folder` (only read, never written: it may be a read-only attached
+    output): `folder` itself, else `checkpoints/<run>` or `outputs/checkpoints/<run>` below it, else any folder below it
+    named `run`, else the one folder below it that holds checkpoints. A folder without any is an error naming it."""
+    folder = Path(folder).expanduser()
+    if folder.is_file() and folder.name.startswith('ckpt_'): return [folder]
+    if not folder.is_dir(): raise FileNotFoundError(f"resume_from {folder}: no such folder; give the folder of an earlier run's output")
+    for c in [folder] + ([folder / 'checkpoints' / run, folder / 'outputs' / 'checkpoints' / run] if run else []):
+        if list_checkpoints(c): return list_checkpoints(c)
+    found = sorted({p.parent for p in folder.rglob(CKPT_GLOB)})
+    named = [f for f in found if run and f.name == run]
+    if len(named) == 1 or len(found) == 1: return list_checkpoints((named or found)[0])
+    if not found: raise FileNotFoundError(f"resume_from {folder}: no training checkpoint (ckpt_*.pt) in it or below it; give the "
+                                          "output folder of an earlier session (the one holding checkpoints/<run>/ckpt_*.pt)")
+    raise ValueError(f"resume_from {folder}: checkpoints of several runs below it ({', '.join(str(f) for f in found[:4])}); "
+                     "give the folder of the one to continue")
+
 # %% ../nbs/06_gan_train.ipynb #43bf5c7c
 def _rng_state() -> dict:
     st = np.random.get_state()
@@ -292,21 +332,22 @@ def _set_rng_state(s: dict):
     torch.set_rng_state(s['torch_cpu'])
     if s['torch_cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['torch_cuda'])
 
-def model_meta(cfg: PGGANConfig, G, images_shown: int, run_dir, data=None) -> dict:
+def model_meta(cfg: PGGANConfig, G, images_shown: int, run_dir, data=None, precision: str | None = None) -> dict:
     "The `meta` record of a model file written by training (checkpoints and final.pt alike)."
-    origin = dict(run=str(run_dir), trained_by='cxr_pggan.train') | (dict(data=str(data)) if data is not None else {})
+    origin = dict(run=str(run_dir), trained_by='cxr_pggan.train') | (dict(data=str(data)) if data is not None else {}) \
+             | (dict(precision=precision) if precision else {})
     return dict(source_format='cxr_pggan/train', resolution=G.resolution, channels=cfg.channels, latent_dim=cfg.latent_dim,
                 output_range=list(cfg.output_range), alpha=float(G.alpha), arch=cfg.arch, config=cfg.to_dict(),
                 kimg=images_shown / 1000, origin=origin)
 
 # %% ../nbs/06_gan_train.ipynb #a96f043a
 def save_train_checkpoint(folder, cfg: PGGANConfig, G, D, G_ema, opt_G, opt_D, state: dict, noise_states: list,
-                          train_config: dict, keep: int = 3) -> Path:
-    "Write `ckpt_<images shown>.pt` atomically and delete all but the newest `keep`."
+                          train_config: dict, keep: int = 3, scalers: dict | None = None, precision: str | None = None) -> Path:
+    "Write `ckpt_<images shown>.pt` atomically and delete all but the newest `keep`. `scalers`: fp16 loss scalers' states."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt_{state['images_shown']:012d}.pt"
-    save_pggan(path, cfg, G=G, D=D, G_ema=G_ema, alpha=float(G.alpha), meta=model_meta(cfg, G, state['images_shown'], folder),
-               extra=dict(optim_G=opt_G.state_dict(), optim_D=opt_D.state_dict(), state=state,
+    save_pggan(path, cfg, G=G, D=D, G_ema=G_ema, alpha=float(G.alpha), meta=model_meta(cfg, G, state['images_shown'], folder, precision=precision),
+               extra=dict(optim_G=opt_G.state_dict(), optim_D=opt_D.state_dict(), state=state, scalers=dict(scalers or {}),
                           rng=dict(_rng_state(), noise=list(noise_states)), train_config=json.loads(json.dumps(train_config))))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True); old.with_name(old.name + '.provenance.json').unlink(missing_ok=True)
@@ -314,7 +355,7 @@ def save_train_checkpoint(folder, cfg: PGGANConfig, G, D, G_ema, opt_G, opt_D, s
 
 # %% ../nbs/06_gan_train.ipynb #f8c1bf28
 LOG_FIELDS = ['step', 'kimg', 'resolution', 'alpha', 'batch_global', 'loss_D', 'loss_G', 'gp', 'drift', 'wdist',
-              'kimg_per_s', 'img_per_s', 'mem_gib', 'wall_s']
+              'kimg_per_s', 'img_per_s', 'mem_gib', 'wall_s', 'loss_scale', 'skipped_D', 'skipped_G']
 
 def _append_csv(path, row: dict):
     new = not Path(path).exists()
@@ -328,7 +369,7 @@ def _truncate_csv(path, max_step: int):
     path = Path(path)
     if not path.exists(): return
     import pandas as pd
-    df = pd.read_csv(path)
+    df = pd.read_csv(path).reindex(columns=LOG_FIELDS)               # a log from before a column was added gets it (empty)
     with atomic_path(path) as tmp: df[df['step'] <= max_step].to_csv(tmp, index=False)
 
 @torch.no_grad()
@@ -383,12 +424,14 @@ def _speed_flags(device):
 # %% ../nbs/06_gan_train.ipynb #4b3be946
 class _Step:
     "One WGAN-GP iteration (D step, G step, EMA) with the precision and compile settings of a `TrainConfig`."
-    def __init__(self, G, D, G_ema, opt_G, opt_D, cfg: TrainConfig, device, world=1, noise=None):
+    def __init__(self, G, D, G_ema, opt_G, opt_D, cfg: TrainConfig, device, world=1, noise=None, prec=None, scalers=None):
         self.G, self.D, self.G_ema, self.opt_G, self.opt_D, self.cfg = G, D, G_ema, opt_G, opt_D, cfg
         self.device, self.world, self.noise = device, world, noise
-        self.amp = cfg.precision == 'bf16' and device.type == 'cuda' and torch.cuda.is_bf16_supported()
-        self.precision = 'bf16 autocast' if self.amp else ('fp32 (TF32 matmuls)' if device.type == 'cuda' else 'fp32')
-        self.autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.amp else contextlib.nullcontext
+        self.prec = prec or resolve_precision(cfg.precision, device)
+        self.amp, self.precision, self.autocast = self.prec.dtype is not None, self.prec.label, self.prec.autocast
+        # fp16: one dynamic loss scaler per network; a step whose scaled gradients overflow is skipped and counted
+        self.scalers = scalers if scalers is not None else dict(D=self.prec.grad_scaler(), G=self.prec.grad_scaler())
+        for n in (G, D): n.set_checkpointing(cfg.checkpointing)
         self.cl = device.type == 'cuda' and cfg.channels_last
         self.fG, self.fD = G, D
         # torch.compile has no double backward: the gradient penalty runs the eager D (same weights)
@@ -399,20 +442,30 @@ class _Step:
         if self.cl: real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(B, zd, device=self.device, generator=self.noise)
         with torch.no_grad(), self.autocast(): fake = self.fG(z)
+        sD, sG = self.scalers['D'], self.scalers['G']
         loss_D, parts = d_loss_wgangp(self.fD, real, fake.to(real.dtype), cfg.lambda_gp, cfg.drift, self.noise,
-                                      self.autocast if self.amp else None, D_gp=self.D)
-        self.opt_D.zero_grad(set_to_none=True); loss_D.backward()
-        allreduce_grads(self.D.parameters(), self.world); self.opt_D.step()
+                                      self.autocast if self.amp else None, D_gp=self.D, scaler=sD)
+        self.opt_D.zero_grad(set_to_none=True); sD.scale(loss_D).backward()
+        allreduce_grads(self.D.parameters(), self.world); skip_D = self._opt_step(sD, self.opt_D)
         z2 = torch.randn(B, zd, device=self.device, generator=self.noise)
         self.D.requires_grad_(False)
         with self.autocast(): fake2 = self.fG(z2)
         loss_G = g_loss_wgan(self.fD, fake2, self.autocast if self.amp else None)
-        self.opt_G.zero_grad(set_to_none=True); loss_G.backward()
+        self.opt_G.zero_grad(set_to_none=True); sG.scale(loss_G).backward()
         self.D.requires_grad_(True)
-        allreduce_grads(self.G.parameters(), self.world); self.opt_G.step()
+        allreduce_grads(self.G.parameters(), self.world); skip_G = self._opt_step(sG, self.opt_G)
         ema_update(self.G_ema, self.G, cfg.ema_beta)
         parts['loss_G'] = loss_G.detach()
+        if sD.is_enabled(): parts.update(loss_scale=sD.get_scale(), skip_D=skip_D, skip_G=skip_G)
         return parts
+
+    @staticmethod
+    def _opt_step(scaler, opt) -> bool:
+        "`opt.step()` through the scaler (unscale, skip on inf/NaN, update the scale); True when the step was skipped."
+        if not scaler.is_enabled(): opt.step(); return False
+        before = scaler.get_scale()
+        scaler.step(opt); scaler.update()
+        return scaler.get_scale() < before
 
 # %% ../nbs/06_gan_train.ipynb #768caae8
 class _Run:
@@ -438,8 +491,11 @@ class _Run:
         self.log_csv = self.ckpt_dir / 'train_log.csv'
         self.net_cfg = cfg.network_config()
         self.sched = cfg.schedule(); self.total = self.sched[-1]['end_img']
-        self.state = dict(images_shown=0, step=0, consumed=0, wall_s=0.0)
+        self.state = dict(images_shown=0, step=0, consumed=0, wall_s=0.0, skipped_D=0, skipped_G=0)
         self.last_ckpt, self.last_parts = None, None
+        self.prec = resolve_precision(cfg.precision, self.device)
+        self.budget = TimeBudget(cfg.time_budget)
+        self.stopped, self.nonfinite_run = False, 0
 
     def data(self):
         "The images of the folder `cfg.data` (missing files dropped with a warning), cached or streamed."
@@ -482,7 +538,9 @@ class _Run:
         'auto' takes the newest checkpoint of the run that reads back intact, skipping (with a warning) corrupt ones."""
         cfg, src, ck = self.cfg, None, None
         if cfg.resume == 'auto':
-            for c in reversed(list_checkpoints(self.ckpt_dir)):
+            cands = list_checkpoints(self.ckpt_dir) + (find_run_checkpoints(cfg.resume_from, self.run) if cfg.resume_from else [])
+            # newest first; at equal progress this run's own copy wins
+            for c in sorted(cands, key=lambda c: (c.name, c.parent == self.ckpt_dir), reverse=True):
                 try: ck, src = self._load(c), c; break
                 except CorruptFileError as e:
                     warnings.warn(f"skipping {c}: {e}; trying the previous checkpoint", stacklevel=2)
@@ -499,10 +557,19 @@ class _Run:
             ns = ck['rng']['noise']
             if len(ns) != self.world: raise ValueError(f"{src} was written by {len(ns)} process(es); resume it with the same number (now {self.world})")
             self.noise.set_state(ns[self.rank])
+        self.scalers = dict(D=self.prec.grad_scaler(), G=self.prec.grad_scaler())
         self.opt_G, self.opt_D = make_optimizers(self.G, self.D, cfg.lr, cfg.betas, cfg.adam_eps)
         if ck is not None:
             self.opt_G.load_state_dict(ck['optim_G']); self.opt_D.load_state_dict(ck['optim_D'])
-            if self.io: _truncate_csv(self.log_csv, self.state['step'])
+            for k, sc in self.scalers.items():
+                if sc.is_enabled() and ck.get('scalers', {}).get(k): sc.load_state_dict(ck['scalers'][k])
+            for k in ('skipped_D', 'skipped_G'): self.state.setdefault(k, 0)
+            if self.io:
+                old_log = src.parent / 'train_log.csv'
+                if src.parent != self.ckpt_dir and old_log.is_file() and not self.log_csv.exists():
+                    import shutil; self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(self.log_csv) as tmp: shutil.copyfile(old_log, tmp)    # continue the earlier session's log
+                _truncate_csv(self.log_csv, self.state['step'])
         self._ready(new_optimizers=False)
         self.last_ckpt = src
 
@@ -512,7 +579,8 @@ class _Run:
         if self.device.type == 'cuda' and self.cfg.channels_last:
             for n in (self.G, self.D, self.G_ema): n.to(memory_format=torch.channels_last)
         if new_optimizers: self.opt_G, self.opt_D = make_optimizers(self.G, self.D, self.cfg.lr, self.cfg.betas, self.cfg.adam_eps)
-        self.step_fn = _Step(self.G, self.D, self.G_ema, self.opt_G, self.opt_D, self.cfg, self.device, self.world, self.noise)
+        self.step_fn = _Step(self.G, self.D, self.G_ema, self.opt_G, self.opt_D, self.cfg, self.device, self.world, self.noise,
+                             prec=self.prec, scalers=self.scalers)
 
     def grow(self, resolution: int):
         "Grow G, D and the EMA G to `resolution` with fresh optimiser moments (as Karras' and the zoo's code)."
@@ -529,14 +597,20 @@ class _Run:
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not bool(ok):
+        if not bool(ok) and self.prec.scaler and self.nonfinite_run < 30:
+            self.nonfinite_run += 1          # fp16 overflow: the scalers skipped this step's updates and lowered the scale
+        elif not bool(ok):
             which = [n for n, v in zip(('loss_D', 'loss_G'), vals.tolist()) if not math.isfinite(v)] or ['loss on another rank']
             raise NonFiniteLossError(
                 f"non-finite {', '.join(which)} ({vals.tolist()}) at step {st['step'] + 1} "
                 f"(kimg {st['images_shown'] / 1000:.3f}, {self.G.resolution}², alpha {alpha:.3f}); training stopped without saving. "
                 f"Last good checkpoint: {self.last_ckpt or 'none yet'}. Resume from it (resume='auto') with a lower lr, "
                 f"or check the input images for NaNs.")
+        else: self.nonfinite_run = 0
         st['images_shown'] += phase['batch'] * self.world; st['step'] += 1; st['consumed'] += phase['batch']
+        if 'skip_D' in parts:
+            st['skipped_D'] += int(parts.pop('skip_D')); st['skipped_G'] += int(parts.pop('skip_G'))
+            parts.update(skipped_D=st['skipped_D'], skipped_G=st['skipped_G'])
         self.last_parts = parts
         for cb in self.callbacks: cb(st['step'], dict(G=self.G, D=self.D, G_ema=self.G_ema, state=st, cfg=cfg, rank=self.rank))
         return parts
@@ -565,11 +639,20 @@ class _Run:
             import torch.distributed as dist
             ns = [None] * self.world; dist.all_gather_object(ns, self.noise.get_state().cpu())
         if self.io:
+            t0 = time.perf_counter()
             self.last_ckpt = save_train_checkpoint(self.ckpt_dir, self.net_cfg, self.G, self.D, self.G_ema, self.opt_G, self.opt_D,
-                                                   dict(st, fixed_z=self.fixed_z), ns, self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+                                                   dict(st, fixed_z=self.fixed_z), ns, self.cfg.to_dict(), keep=self.cfg.keep_checkpoints,
+                                                   scalers={k: v.state_dict() for k, v in self.scalers.items()}, precision=self.prec.label)
             src = self.df.attrs.get('source')
             write_provenance(self.last_ckpt, params=self.cfg.to_dict(), seed=self.cfg.seed, inputs=dict(metadata=src) if src else None,
-                             weights=None, extra=dict(kimg=st['images_shown'] / 1000, resolution=self.G.resolution))
+                             weights=None, extra=dict(kimg=st['images_shown'] / 1000, resolution=self.G.resolution, precision_used=self.prec.label,
+                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G'])))
+            if self.cfg.max_outputs_gib:
+                root = outputs_dir(create=False)
+                root = root if self.ckpt_dir.resolve().is_relative_to(root.resolve()) else self.ckpt_dir.parent
+                enforce_size_cap(root, self.cfg.max_outputs_gib, list_checkpoints(self.ckpt_dir), 'train', keep=1,
+                                 log=lambda m: print(m, flush=True))
+            self.budget.save_took(time.perf_counter() - t0)
         return self.last_ckpt
 
     def samples(self, tag: str):
@@ -588,6 +671,7 @@ class _Run:
                              bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]')
         t_last, self._img_last, t0 = time.perf_counter(), st['images_shown'], time.perf_counter() - st['wall_s']
         stream, stream_key = None, None
+        t_step = time.perf_counter()
         try:
             while st['images_shown'] < self.total:
                 ph, alpha = phase_at(self.sched, st['images_shown'])
@@ -608,32 +692,77 @@ class _Run:
                 k_prev, k_now = st['images_shown'] - ph['batch'] * self.world, st['images_shown']
                 crossed = lambda every: every and k_now // int(every * 1000) > k_prev // int(every * 1000)
                 if crossed(cfg.sample_kimg) or (cfg.sample_kimg and done): self.samples('periodic')
-                if phase_end or crossed(cfg.checkpoint_kimg): self.checkpoint()
+                saved = phase_end or crossed(cfg.checkpoint_kimg)
+                if saved: self.checkpoint()
+                now = time.perf_counter(); self.budget.step_took(now - t_step); t_step = now
+                if not done and self._out_of_time():
+                    if not saved: self.checkpoint()
+                    self.stopped = True
+                    if self.io: print(self.stop_message(), flush=True)
+                    break
         finally:
             self.pbar.close(); torch.set_num_threads(self.threads0)
 
+    def _out_of_time(self) -> bool:
+        "Whether the time budget is spent (every process agrees, so all stop at the same step)."
+        if not self.budget: return False
+        stop = torch.tensor(float(self.budget.should_stop()))
+        if self.world > 1:
+            import torch.distributed as dist
+            stop = stop.to(self.device); dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop)
+
+    def stop_message(self) -> str:
+        "What a run stopped by its time budget says: where it stopped and how to continue."
+        st, where = self.state, (f"resume_from=/kaggle/input/<this notebook's output>/outputs/checkpoints/{self.ckpt_dir.name}" if on_kaggle()
+                                 else f"resume_from={self.ckpt_dir}")
+        return (f"time budget {self.cfg.time_budget} reached: stopped cleanly at {st['images_shown'] / 1000:.3f} of {self.total / 1000:g} kimg "
+                f"(step {st['step']}), checkpoint {self.last_ckpt}. To continue, run the same command again (resume='auto' finds it), "
+                f"or in a new session with this output attached read-only set {where} (CLI: --resume-from DIR).")
+
     def finish(self) -> dict:
-        "Write final.pt (rank 0) with its provenance; the run's summary."
+        "Write final.pt (rank 0) with its provenance; the run's summary. A run stopped by its time budget writes no final.pt."
         st, final = self.state, None
-        if self.io:
+        if self.io and not self.stopped:
             final = self.ckpt_dir / 'final.pt'
             save_pggan(final, self.net_cfg, G=self.G, D=self.D, G_ema=self.G_ema, alpha=float(self.G.alpha),
-                       meta=model_meta(self.net_cfg, self.G, st['images_shown'], self.ckpt_dir, self.cfg.data))
+                       meta=model_meta(self.net_cfg, self.G, st['images_shown'], self.ckpt_dir, self.cfg.data, precision=self.prec.label))
             write_provenance(final, params=self.cfg.to_dict(), seed=self.cfg.seed, weights=None,
-                             extra=dict(kimg=st['images_shown'] / 1000, images=len(self.df)))
+                             extra=dict(kimg=st['images_shown'] / 1000, images=len(self.df), precision_used=self.prec.label,
+                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G'])))
         lp = self.last_parts
         return dict(run=self.run, checkpoint_dir=str(self.ckpt_dir), sample_dir=str(self.sample_dir), final=str(final) if final else None,
                     last_checkpoint=str(self.last_ckpt) if self.last_ckpt else None, log_csv=str(self.log_csv),
                     images_shown=st['images_shown'], steps=st['step'], rank=self.rank, world=self.world, data=str(self.cfg.data),
-                    n_images=len(self.df), device=str(self.device), precision=self.step_fn.precision,
+                    n_images=len(self.df), device=str(self.device), precision=self.step_fn.precision, stopped=self.stopped,
+                    skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), resume_hint=self.stop_message() if self.stopped else None,
                     last=None if lp is None else {k: float(v) for k, v in lp.items()})
 
 # %% ../nbs/06_gan_train.ipynb #9a7da64c
+def launch_train(cfg: TrainConfig, processes: int) -> dict:
+    """Run `train(cfg)` in `processes` workers on this machine (torchrun, as `cxr-pggan train --config`), showing their
+    output as it comes (also in a notebook); returns rank 0's summary. How a notebook uses both GPUs of a 2xT4 machine."""
+    import subprocess, tempfile
+    with tempfile.TemporaryDirectory(prefix='cxr_pggan_launch_') as td:
+        cf, sf = Path(td) / 'train_config.json', Path(td) / 'summary.json'
+        cf.write_text(json.dumps(dict(cfg.to_dict(), processes=1)))
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes),
+               '-m', 'cxr_pggan', 'train', '--config', str(cf), '--summary', str(sf)]
+        print(f"starting {processes} worker processes: torchrun --standalone --nproc_per_node {processes} -m cxr_pggan train --config ...", flush=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+            for line in p.stdout: print(line, end='', flush=True)
+        if p.returncode: raise RuntimeError(f"the {processes} training workers exited with status {p.returncode}; their output is above")
+        return json.loads(sf.read_text())
+
 def train(cfg: TrainConfig | dict, callbacks=(), quiet: bool = False) -> dict:
     """Train a PGGAN with the knobs `cfg` (a `TrainConfig`, or a dict of its fields); resumes when asked.
     `callbacks`: functions `f(step, ctx)` called after every step (tests use them to simulate crashes).
     Returns a summary: run folder, final model file, images shown, steps, log CSV, last checkpoint."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_params(cfg)
+    n = worker_processes(cfg.processes)
+    if n > 1 and dist_env()['world'] == 1:                         # not yet under torchrun: start the workers
+        if callbacks: raise ValueError("train(callbacks=...) runs in one process; use processes=1")
+        return launch_train(cfg, n)
     r = _Run(cfg, callbacks, quiet)
     r.data()
     r.networks()
@@ -691,39 +820,68 @@ def knobs_epilog(*sections: str, docs: dict | None = None) -> str:
 
 # %% ../nbs/06_gan_train.ipynb #f865cda7
 def train_cli(argv: list[str]) -> int:
-    from cxr_pggan.core import section_params
+    from cxr_pggan.core import section_params, PROFILE_NAMES
     ap = CLIParser(prog='cxr-pggan train', description='Progressive WGAN-GP training (launch with torchrun for several GPUs).',
                                  epilog=knobs_epilog('dataset', 'gan', docs=_field_docs(TrainConfig)), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper'])
+    ap.add_argument('--profile', default='demo', choices=list(PROFILE_NAMES))
     ap.add_argument('--data', help="dataset: a folder in the NIH layout (images/ or images_0XX/images/ + Data_Entry_2017*.csv), 'nih' (data/nih) or 'phantom'; default: the profile's")
     ap.add_argument('--metadata', help='metadata CSV (default: Data_Entry_2017*.csv in --data)')
     ap.add_argument('--run', help='run name: checkpoints in outputs/checkpoints/RUN, samples in outputs/samples/RUN (default: the profile\'s)')
     ap.add_argument('--resume', default=None, help="'auto' (newest checkpoint of the run, default), 'none', or a checkpoint path")
-    ap.add_argument('--device'); ap.add_argument('--precision', choices=list(PRECISIONS), help="default: the profile's (paper: fp32)")
+    ap.add_argument('--device'); ap.add_argument('--precision', choices=list(PRECISIONS), help="default: the profile's (paper: fp32; kaggle: auto)")
+    ap.add_argument('--time-budget', help="e.g. 11h30m: checkpoint and stop cleanly (exit 0) before this much time has passed")
+    ap.add_argument('--resume-from', metavar='DIR', help="continue from the newest checkpoint in DIR (an earlier session's output; only read)")
     ap.add_argument('--compile', action='store_true', help='torch.compile G and D')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', default=[], help='override any knob listed below (JSON value)')
+    ap.add_argument('--config', metavar='JSON', help='a TrainConfig as JSON (every field; the profile and the options above are ignored)')
+    ap.add_argument('--summary', metavar='JSON', help="write rank 0's summary here")
     a = ap.parse_args(argv)
+    if a.config:
+        cfg = TrainConfig.from_params(json.loads(Path(a.config).read_text()))
+        try: out = train(cfg)
+        except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
+        if out['rank'] == 0 and a.summary:
+            with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
+        return 0
     over = dict(dataset=a.data, metadata=a.metadata, run=a.run, resume=a.resume, device=check_device(a.device),
-                precision=a.precision, compile=True if a.compile else None) | parse_sets(a.set)
+                precision=a.precision, compile=True if a.compile else None, time_budget=a.time_budget,
+                resume_from=a.resume_from) | parse_sets(a.set)
     cfg = train_config(section_params(a.profile, 'dataset', 'gan', **over))
     try: out = train(cfg)
     except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
-    if out['rank'] == 0: print(json.dumps({k: out[k] for k in ('final', 'images_shown', 'steps', 'log_csv', 'world', 'device', 'precision')}))
+    if out['rank'] == 0: print(json.dumps({k: out[k] for k in ('final', 'images_shown', 'steps', 'log_csv', 'world', 'device', 'precision', 'stopped')}))
+    if out['rank'] == 0 and a.summary:
+        with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
     return 0
 
 # %% ../nbs/06_gan_train.ipynb #239dfe19
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
+def _saved_bytes(fn) -> int:
+    "Bytes of the distinct tensor storages autograd saves for backward while `fn()` runs (activation memory, on any device)."
+    seen, total = set(), [0]
+    def pack(t):
+        try: st = t.untyped_storage(); key = (st.data_ptr(), t.device)
+        except (RuntimeError, NotImplementedError): return t
+        if key not in seen: seen.add(key); total[0] += st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): fn()
+    return total[0]
+
 def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int = 20, warmup: int = 5,
               channels: int = 3, precision: str = 'bf16', compile: bool = False, device=None, gen_batch: int = 64,
-              gen_iters: int = 10, fmap_max: int = 512, latent_dim: int = 512, quiet: bool = False) -> dict:
-    "Train img/s and peak memory per resolution, and generator img/s at the top resolution."
+              gen_iters: int = 10, fmap_max: int = 512, latent_dim: int = 512, quiet: bool = False,
+              checkpointing=(False,)) -> dict:
+    """Train img/s, peak GPU memory and saved-activation memory per resolution (for each `checkpointing` setting),
+    and generator img/s at the top resolution."""
     device = _device(device); _speed_flags(device)
-    tc = TrainConfig(precision=precision, compile=compile, channels_last=True)   # the paper's losses, EMA and Adam
+    prec = resolve_precision(precision, device)
     rows = []
     cfg = make_config('segal2021', max(resolutions), channels=channels, latent_dim=latent_dim, fmap_max=fmap_max)
-    for r in progress(list(resolutions), desc='bench gan', disable=quiet):
+    todo = [(r, ck) for r in resolutions for ck in checkpointing]
+    for r, ck in progress(todo, desc='bench gan', disable=quiet):
+        tc = TrainConfig(precision=precision, compile=compile, channels_last=True, checkpointing=ck)  # the paper's losses, EMA and Adam
         if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(0)
         G, D, Ge = (Generator(cfg, r).to(device), Discriminator(cfg, r).to(device), Generator(cfg, r).to(device))
@@ -731,9 +889,9 @@ def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int
         if device.type == 'cuda':
             for n in (G, D, Ge): n.to(memory_format=torch.channels_last)
         oG, oD = make_optimizers(G, D)
-        step = _Step(G, D, Ge, oG, oD, tc, device)
+        step = _Step(G, D, Ge, oG, oD, tc, device, prec=prec)
         real = torch.rand(batch, channels, r, r, device=device) * 2 - 1
-        row = dict(resolution=r, batch=batch)
+        row = dict(resolution=r, batch=batch, checkpointing=ck)
         try:
             for _ in range(warmup): step(real)
             _sync(device); t = time.perf_counter()
@@ -741,6 +899,7 @@ def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int
             _sync(device); dt = time.perf_counter() - t
             row.update(train_img_per_s=batch * iters / dt, step_ms=1000 * dt / iters,
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
+                       saved_activations_mib=_saved_bytes(lambda: step(real)) / 2**20,
                        finite=bool(torch.isfinite(parts['loss_D']).item()))
         except torch.OutOfMemoryError as e:
             row.update(train_img_per_s=None, error=f'out of memory: {str(e).splitlines()[0]}')
@@ -749,17 +908,15 @@ def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int
     r = max(resolutions)
     Ge = Generator(cfg, r).to(device).eval()
     if device.type == 'cuda': Ge.to(memory_format=torch.channels_last)
-    amp = precision == 'bf16' and device.type == 'cuda' and torch.cuda.is_bf16_supported()
-    ac = torch.autocast('cuda', dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     z = torch.randn(gen_batch, latent_dim, device=device)
-    with torch.inference_mode(), ac:
+    with torch.inference_mode(), prec.autocast():
         for _ in range(max(1, warmup // 2)): Ge(z)
         _sync(device); t = time.perf_counter()
         for _ in range(gen_iters): Ge(z)
         _sync(device); dt = time.perf_counter() - t
     dev = device_info()
     return dict(bench='gan', device_name=dev.get('gpu') or dev.get('cpu'), device_type=device.type, torch=torch.__version__,
-                precision='bf16 autocast' if amp else ('fp32 (TF32 matmul)' if device.type == 'cuda' else 'fp32'),
+                precision=prec.label, precision_asked=precision,
                 channels_last=device.type == 'cuda', compile=compile, channels=channels, latent_dim=latent_dim, fmap_max=fmap_max,
                 iters=iters, warmup=warmup, train=rows,
                 generate=dict(resolution=r, batch=gen_batch, img_per_s=gen_batch * gen_iters / dt))
@@ -773,19 +930,22 @@ def bench_gan_cli(argv: list[str]) -> int:
     ap.add_argument('--gen-batch', type=int, default=64); ap.add_argument('--gen-iters', type=int, default=10)
     ap.add_argument('--fmap-max', type=int, default=512, help='cap the depth table (smaller = quick CPU checks)')
     ap.add_argument('--latent', type=int, default=512)
-    ap.add_argument('--precision', default='bf16', choices=list(PRECISIONS)); ap.add_argument('--compile', action='store_true')
+    ap.add_argument('--precision', default='bf16', choices=list(PRECISIONS), help='fp32 | bf16 | fp16 (loss scaling) | auto (bf16 if native, else fp16)')
+    ap.add_argument('--compile', action='store_true')
+    ap.add_argument('--checkpointing', default='off', choices=['off', 'on', 'both'], help='activation checkpointing in G and D (both: each resolution with and without)')
     ap.add_argument('--device'); ap.add_argument('--json', help='write the results to this JSON file')
     a = ap.parse_args(argv)
-    res = bench_gan(a.resolutions, a.batch, a.iters, a.warmup, a.channels, a.precision, a.compile, a.device,
-                    a.gen_batch, a.gen_iters, a.fmap_max, a.latent)
+    res = bench_gan(a.resolutions, a.batch, a.iters, a.warmup, a.channels, a.precision, a.compile, check_device(a.device),
+                    a.gen_batch, a.gen_iters, a.fmap_max, a.latent, checkpointing=dict(off=(False,), on=(True,), both=(False, True))[a.checkpointing])
     from cxr_pggan.core import write_bench_json
     res = write_bench_json(res, a.json)
     print(f"device: {res['device_name']} ({res['precision']}, channels_last={res['channels_last']}, compile={res['compile']})")
-    print(f"{'res':>6} {'batch':>6} {'train img/s':>12} {'step ms':>9} {'peak GiB':>9}")
+    print(f"{'res':>6} {'batch':>6} {'ckpt':>5} {'train img/s':>12} {'step ms':>9} {'peak GiB':>9} {'saved MiB':>10}")
     for r in res['train']:
-        if r.get('train_img_per_s') is None: print(f"{r['resolution']:>6} {r['batch']:>6}  {r.get('error')}"); continue
+        ck = 'on' if r['checkpointing'] else 'off'
+        if r.get('train_img_per_s') is None: print(f"{r['resolution']:>6} {r['batch']:>6} {ck:>5}  {r.get('error')}"); continue
         pm = f"{r['peak_mem_gib']:.2f}" if r['peak_mem_gib'] is not None else '-'
-        print(f"{r['resolution']:>6} {r['batch']:>6} {r['train_img_per_s']:>12.1f} {r['step_ms']:>9.1f} {pm:>9}")
+        print(f"{r['resolution']:>6} {r['batch']:>6} {ck:>5} {r['train_img_per_s']:>12.1f} {r['step_ms']:>9.1f} {pm:>9} {r['saved_activations_mib']:>10.1f}")
     g = res['generate']; print(f"generator (EMA) at {g['resolution']}², batch {g['batch']}: {g['img_per_s']:.1f} img/s")
     if a.json: write_provenance(a.json, params=vars(a), weights=None)
     return 0

@@ -419,3 +419,46 @@ def test_encoder_for_another_generator(ws, tmp_path):
     before = tree(enc)                                                                  # an existing encoder of another generator is not overwritten
     one_error(cli(w, 'train-encoder', '--generator', g8, '--profile', 'smoke', '--out', enc), str(enc), 'another generator')
     assert tree(enc) == before
+# ---- Kaggle reuse: official split, time budget, resume_from, precision
+
+def test_official_split_patient_in_both_lists(ws, tmp_path):
+    import shutil
+    d = tmp_path / 'nih'; shutil.copytree(ws['user'], d)
+    names = pd.read_csv(d / 'Data_Entry_2017.csv')['Image Index'].tolist()     # patient p has images 2p and 2p+1
+    (d / 'train_val_list.txt').write_text('\n'.join(names[:11])); (d / 'test_list.txt').write_text('\n'.join(names[11:]))
+    before = tree(d)
+    one_error(cli(ws['root'], 'split', '--metadata', d / 'Data_Entry_2017.csv', '--official', '--out', tmp_path / 's'),
+              'patient 5 has images in both', 'train_val_list.txt', 'test_list.txt')
+    (d / 'test_list.txt').unlink()
+    one_error(cli(ws['root'], 'split', '--metadata', d / 'Data_Entry_2017.csv', '--official', '--out', tmp_path / 's'),
+              'test_list.txt', "split='official'")
+    (d / 'train_val_list.txt').write_text('\n'.join(names[:10])); (d / 'test_list.txt').write_text('\n'.join(names[10:]))
+    r = cli(ws['root'], 'split', '--metadata', d / 'Data_Entry_2017.csv', '--official', '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr[-1500:]
+    s = pd.read_csv(tmp_path / 's' / 'splits.csv')
+    assert set(s.loc[s['split'] == 'test', 'Image Index']) == set(names[10:])
+    assert {k: v for k, v in tree(d).items() if 'list.txt' not in k} == {k: v for k, v in before.items() if 'list.txt' not in k}
+
+
+def test_bad_time_budget_and_resume_from_without_checkpoint(ws, tmp_path):
+    one_error(cli(ws['root'], 'train', '--data', ws['user'], '--run', 'budget', *TINY, '--time-budget', '11 hours'),
+              "time_budget '11 hours'", '11h30m')
+    (tmp_path / 'empty_output').mkdir()
+    one_error(cli(ws['root'], 'train', '--data', ws['user'], '--run', 'rf', *TINY, '--resume-from', tmp_path / 'empty_output'),
+              str(tmp_path / 'empty_output'), 'no training checkpoint')
+    one_error(cli(ws['root'], 'archive', '--generator', ws['gan'], '--classifier', ws['clf'], '--n', '3', '--out', tmp_path / 'a',
+                  '--resume-from', tmp_path / 'empty_output'), 'no archive.json')
+    one_error(cli(ws['root'], 'train', '--data', ws['user'], '--run', 'p', *TINY, '--set', 'precision=fp8'), 'precision', 'fp16')
+
+
+def test_kaggle_dataset_outside_kaggle(ws):
+    e = {k: '' for k in ('KAGGLE_KERNEL_RUN_TYPE',)}
+    one_error(cli(ws['root'], 'train', '--profile', 'smoke', '--data', 'kaggle', '--run', 'k', env=e), "dataset='kaggle'", 'KAGGLE_KERNEL_RUN_TYPE')
+
+
+def test_time_budget_stops_training_cleanly(ws, tmp_path):
+    r = cli(ws['root'], 'train', '--data', ws['user'], '--run', 'tb', *TINY, '--time-budget', '0.001s')
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert 'time budget 0.001s reached' in r.stdout and '--resume-from' in r.stdout and '"stopped": true' in r.stdout
+    r = cli(ws['root'], 'train', '--data', ws['user'], '--run', 'tb', *TINY)                # the same command continues
+    assert r.returncode == 0 and 'resuming from' in r.stdout and '"stopped": false' in r.stdout, r.stdout[-1500:]

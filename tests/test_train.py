@@ -216,3 +216,28 @@ def test_sigkill_and_resume_is_exact(nih_folder, tmp_path, uninterrupted):
     res = T.train(P, quiet=True)
     got = torch.load(res['final'], weights_only=True)
     for k in ('G', 'D', 'G_ema'): assert _sd_equal(got[k], ref[k]), k
+
+
+def test_resume_from_a_read_only_folder_is_exact(nih_folder, tmp_path, uninterrupted):
+    "Killed in folder A; A made read-only (an attached Kaggle output); continued into folder B with resume_from=A: the same weights, A unchanged."
+    import stat
+    _, ref, _ = uninterrupted
+    with pytest.raises(Crash): T.train(tiny(nih_folder, tmp_path / 'A'), callbacks=[crash_at(7)], quiet=True)
+    A = tmp_path / 'A'
+    snap = lambda: {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(A.rglob('*')) if p.is_file()}
+    for p in [A, *A.rglob('*')]: p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = snap()
+    res = T.train(tiny(nih_folder, tmp_path / 'B', resume_from=str(A)), quiet=True)
+    assert snap() == before and Path(res['final']).is_relative_to(tmp_path / 'B')
+    got = torch.load(res['final'], weights_only=True)
+    for k in ('G', 'D', 'G_ema'): assert _sd_equal(got[k], ref[k]), k
+    for p in [A, *A.rglob('*')]: p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+@pytest.mark.slow
+def test_train_starts_its_own_workers(nih_folder, tmp_path):
+    "processes=2 from a plain call (what the notebook does on 2xT4): two gloo workers under torchrun, rank 0's summary back."
+    P = tiny(nih_folder, tmp_path, batch_sizes=[4], checkpoint_kimg=0, processes=2)
+    res = T.train(P, quiet=True)
+    assert res['world'] == 2 and res['images_shown'] == 128 and Path(res['final']).is_file()
+    assert len(torch.load(T.latest_checkpoint(tmp_path / 'ckpt'), weights_only=True)['rng']['noise']) == 2
