@@ -228,6 +228,7 @@ KAGGLE_KNOBS = dict(
     dataset='kaggle',          # the NIH folder attached under /kaggle/input, found by its Data_Entry_2017.csv
     split='official',          # NIH's test_list.txt / train_val_list.txt
     precision='auto',          # fp16 + dynamic loss scaling on T4/P100, bf16 on Ampere and newer
+    encoder_precision='auto',  # the same for the latent encoder of Table 2's "Embedded" column
     checkpointing=True,        # activation checkpointing in G and D: the paper's per-GPU batch in 16 GB
     time_budget='11h30m',      # stop cleanly (checkpoint, exit 0) before the 12-hour session limit
     max_outputs_gib=15.0,      # keep /kaggle/working (20 GB) under this: oldest own checkpoints deleted first

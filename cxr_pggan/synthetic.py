@@ -4,12 +4,12 @@
 
 # %% ../nbs/12_synthetic_training.ipynb #518b1b2c
 from __future__ import annotations
-import contextlib, json, math, sys, time, warnings
+import json, math, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, check_writable, claim_folder,
                             file_sha256, parse_sets, payload_digest, positive_int, progress, register_profile, save_table,
-                            seed_everything, torch_load, write_provenance)
+                            seed_everything, torch_load, write_provenance, PRECISIONS, PROFILE_NAMES, resolve_precision)
 from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 from .pggan import as_image_generator, sample_z
@@ -17,28 +17,17 @@ from .classifier import (DiscriminatorClassifier, _auc_rows, discriminator_class
                                   roc_auc_table)
 
 # %% auto #0
-__all__ = ['PAPER_TABLE2_MACRO', 'PAPER_SOURCE', 'MODELS', 'ENCODER_FORMAT', 'EMBED_FORMAT', 'autocast_for', 'latent_names',
-           'generator_identity', 'new_encoder', 'save_encoder', 'read_encoder_checkpoint', 'check_encoder_fits',
-           'load_encoder', 'latent_scores', 'train_encoder', 'embedding_conflicts', 'embed_images',
-           'reconstruction_error', 'predictions_frame', 'check_same_images', 'table2', 'paired_differences',
-           'order_sentence', 'table2_figure', 'table2_markdown', 'write_table2', 'real_classifier_fits', 'val_fraction',
-           'train_encoder_cli', 'embed_cli']
+__all__ = ['PAPER_TABLE2_MACRO', 'PAPER_SOURCE', 'MODELS', 'ENCODER_FORMAT', 'EMBED_FORMAT', 'latent_names', 'generator_identity',
+           'new_encoder', 'save_encoder', 'read_encoder_checkpoint', 'check_encoder_fits', 'load_encoder',
+           'latent_scores', 'train_encoder', 'embedding_conflicts', 'embed_images', 'reconstruction_error',
+           'predictions_frame', 'check_same_images', 'table2', 'paired_differences', 'order_sentence', 'table2_figure',
+           'table2_markdown', 'write_table2', 'real_classifier_fits', 'val_fraction', 'train_encoder_cli', 'embed_cli']
 
 # %% ../nbs/12_synthetic_training.ipynb #fb2d31ff
 PAPER_TABLE2_MACRO = dict(embedded=0.604, class_generated=0.878, real=0.947)
 PAPER_SOURCE = ('Segal et al. 2021 (SN Computer Science 2:321), Table 2: macro mean AUC only; '
                 'the per-label published values were not transcribed')
 MODELS = ('embedded', 'class_generated', 'real')       # Table 2's columns, in the paper's order (worst to best)
-
-# %% ../nbs/12_synthetic_training.ipynb #69b92b15
-def autocast_for(precision: str, device) -> tuple:
-    "`(context factory, what runs)` for `precision` ('fp32' | 'bf16') on `device`: the GAN trainer's rule."
-    from cxr_pggan.train import PRECISIONS
-    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    amp = precision == 'bf16' and device.type == 'cuda' and torch.cuda.is_bf16_supported()
-    what = 'bf16 autocast' if amp else ('fp32 (TF32 matmuls)' if device.type == 'cuda' else 'fp32')
-    return ((lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if amp else contextlib.nullcontext), what
 
 # %% ../nbs/12_synthetic_training.ipynb #f732fc3f
 ENCODER_FORMAT = 'cxr_pggan.encoder/1'
@@ -71,13 +60,13 @@ def new_encoder(generator, trust_pickle: bool = False) -> tuple[DiscriminatorCla
         E.init_weights = None
     return E, ident
 
-# %% ../nbs/12_synthetic_training.ipynb #1a4975d5
+# %% ../nbs/12_synthetic_training.ipynb #66274685
 def save_encoder(E: DiscriminatorClassifier, path, generator: dict, settings: dict, step: int, history: list,
-                 optimizer: dict | None = None, complete: bool = False, precision: str = 'fp32') -> Path:
+                 optimizer: dict | None = None, complete: bool = False, precision: str = 'fp32', scaler: dict | None = None) -> Path:
     "Write the encoder (weights, generator identity, training state) to `path` atomically."
     rec = dict(format=ENCODER_FORMAT, gan_config=E.gan_config, resolution=int(E.input_size), latent_dim=len(E.labels),
                generator=generator, init_weights=E.init_weights, settings=settings, step=int(step), complete=bool(complete),
-               precision=precision, history=history, optimizer=optimizer,
+               precision=precision, history=history, optimizer=optimizer, scaler=scaler,
                state_dict={k: v.detach().cpu() for k, v in E.state_dict().items()})
     rec['payload_sha256'] = payload_digest(rec)
     with atomic_path(path) as tmp: torch.save(rec, tmp)
@@ -117,7 +106,7 @@ def load_encoder(path, generator=None, allow_other_generator: bool = False, trus
     E.load_state_dict(rec['state_dict']); E.init_weights, E.checkpoint = rec.get('init_weights'), str(path)
     return E.to(map_location).eval(), rec
 
-# %% ../nbs/12_synthetic_training.ipynb #3afbde59
+# %% ../nbs/12_synthetic_training.ipynb #f410f41e
 def _heldout(G, n: int, seed: int, device, batch: int = 64):
     z = sample_z(n, G.latent_dim, seed=seed + 7919)
     with torch.no_grad(): x = torch.cat([G(z[i:i + batch].to(device)).float() for i in range(0, n, batch)])
@@ -138,7 +127,8 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     for k, v in dict(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every).items():
         if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    ac, what = autocast_for(precision, device)
+    pr = resolve_precision(precision, device)
+    ac, what, scaler = pr.autocast, pr.label, pr.grad_scaler()
     G = as_image_generator(generator, trust_pickle=trust_pickle).to(device).eval(); G.requires_grad_(False)
     settings = dict(batch_size=int(batch_size), lr=float(lr), heldout=int(heldout), seed=int(seed), precision=precision)
     seed_everything(seed)
@@ -156,6 +146,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     E = E.to(device).train()
     opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
     if rec is not None and rec.get('optimizer'): opt.load_state_dict(rec['optimizer'])
+    if rec is not None and rec.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(rec['scaler'])
     step, history = (int(rec['step']), list(rec['history'])) if rec is not None else (0, [])
     if rec is not None: log(f"resuming {out} at step {step}")
     if not out.is_file(): write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
@@ -163,7 +154,8 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     zh, xh = _heldout(G, heldout, seed, device)
     t0, d = time.time(), G.latent_dim
     def save(complete):
-        save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what)
+        save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what,
+                     scaler.state_dict() if scaler.is_enabled() else None)
         write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
                          weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
                          extra=dict(step=step, complete=complete, last=history[-1] if history else None))
@@ -172,7 +164,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
         z = torch.randn(batch_size, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)
         with torch.no_grad(), ac(): x = G(z).float()
         with ac(): loss = F.mse_loss(E(x).float(), z)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()   # fp16: overflowed steps skipped
         step += 1; bar.update(1)
         if not math.isfinite(loss.item()): raise FloatingPointError(f"encoder loss is {loss.item()} at step {step}; lower the lr (now {lr})")
         if step % eval_every == 0 or step == steps:
@@ -418,12 +410,12 @@ def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int
         write_provenance(paths[k], **(prov | dict(extra=dict(note=note, order=sentence))))
     return dict(table=t, differences=diffs, sentence=sentence, paths=paths)
 
-# %% ../nbs/12_synthetic_training.ipynb #75de5928
+# %% ../nbs/12_synthetic_training.ipynb #3c603286
 register_profile('synthetic',
     smoke=dict(gan='random', archive='random', archive_n=24, real_classifier='auto', encoder_steps=20, encoder_batch=16,
                encoder_lr=1e-3, encoder_heldout=32, encoder_eval_every=10, encoder_precision='fp32', fid_random_n=32),
     demo=dict(gan='auto', archive='auto', archive_n=60, real_classifier='auto', encoder_steps=600, encoder_batch=32,
-              encoder_lr=1e-3, encoder_heldout=256, encoder_eval_every=100, encoder_precision='bf16', fid_random_n=1200),
+              encoder_lr=1e-3, encoder_heldout=256, encoder_eval_every=100, encoder_precision='auto', fid_random_n=1200),
     paper=dict(gan='auto', archive='auto', archive_n=78484, real_classifier='auto', encoder_steps=50000, encoder_batch=32,
                encoder_lr=1e-3, encoder_heldout=1024, encoder_eval_every=1000, encoder_precision='fp32', fid_random_n=10000));
 
@@ -441,15 +433,15 @@ def val_fraction(fractions) -> float:
     if len(f) < 3: raise ValueError(f"fractions {f}: Table 2 needs a train/val/test split of the real data (e.g. [0.7, 0.1, 0.2])")
     return f[1] / (f[0] + f[1])
 
-# %% ../nbs/12_synthetic_training.ipynb #9a9bc902
+# %% ../nbs/12_synthetic_training.ipynb #0e7af945
 def train_encoder_cli(argv: list[str]) -> int:
     from cxr_pggan.core import section_params
     ap = CLIParser(prog='cxr-pggan train-encoder', description='Train (or resume) the latent encoder of a GAN checkpoint: '
                    "D's architecture with a latent-size head, MSE to z on fresh samples G(z). Kill it and run it again to resume.")
     ap.add_argument('--generator', required=True, help='GAN checkpoint (any format cxr-pggan reads; its D starts the encoder, its EMA G renders)')
     ap.add_argument('--out', required=True, help='encoder checkpoint to write (.pt); an unfinished one of the same settings is resumed')
-    ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper'], help='defaults of the knobs (default: demo)')
-    ap.add_argument('--precision', choices=['fp32', 'bf16'], help="default: the profile's")
+    ap.add_argument('--profile', default='demo', choices=list(PROFILE_NAMES), help='defaults of the knobs (default: demo)')
+    ap.add_argument('--precision', choices=list(PRECISIONS), help="fp32 | bf16 | fp16 (dynamic loss scaling) | auto; default: the profile's")
     ap.add_argument('--device'); ap.add_argument('--trust-pickle', action='store_true', help='allow full unpickling of a trusted GAN checkpoint')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', default=[], help='encoder knobs: encoder_steps, encoder_batch, encoder_lr, '
                     'encoder_heldout, encoder_eval_every, encoder_precision')
