@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
     'reproduce': ('cxr_pggan.cli:reproduce_cli', 'run every paper notebook through papermill in a profile, writing outputs/'),
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
     'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent'),
+    'audit':     ('cxr_pggan.privacy:audit_cli', 'privacy audit of a synthetic archive: nearest training image (DCR) vs a held-out baseline, re-identification, flags.csv, PRDC'),
+    'train-reid': ('cxr_pggan.privacy:train_reid_cli', 'train the siamese patient re-identification network; verification AUC on held-out patients'),
 }
 
 BENCHES: dict[str, str] = {
@@ -33,6 +35,7 @@ BENCHES: dict[str, str] = {
     'gan':     'cxr_pggan.train:bench_gan_cli',
     'latent':  'cxr_pggan.latent:bench_latent_cli',
     'fid':     'cxr_pggan.features:bench_fid_cli',
+    'privacy': 'cxr_pggan.privacy:bench_privacy_cli',
 }
 
 def _resolve(target: str):
@@ -86,6 +89,7 @@ def bench_cli(argv: list[str]) -> int:
 SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'dataset': 'cxr_pggan.experiment', 'gan': 'cxr_pggan.train', 'classifier': 'cxr_pggan.classifier',
     'fid': 'cxr_pggan.fid', 'prevalence': 'cxr_pggan.prevalence', 'latent': 'cxr_pggan.latent', 'archive': 'cxr_pggan.archive',
+    'privacy': 'cxr_pggan.privacy',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
