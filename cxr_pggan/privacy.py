@@ -17,12 +17,12 @@ from .features import (ImageFiles, collate_images, default_device, image_paths, 
                                 resize_to, stored_size, weights_record)
 
 # %% auto #0
-__all__ = ['NIH_NAME', 'REID_FORMAT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore', 'load_grey', 'pixel_vectors',
-           'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets', 'translation_dcr', 'prdc',
-           'dcr_percentile', 'crossfit_rate', 'ReidNet', 'pair_scores', 'verification', 'train_reid', 'save_reid',
-           'load_reid', 'perturb', 'plant_copies', 'audit_folder', 'audit', 'plot_closest_pairs', 'plot_dcr_histogram',
-           'release_archive', 'audit_cli', 'train_reid_cli', 'release_cli', 'bench_privacy_cli', 'feature_knob',
-           'planted_rates']
+__all__ = ['NIH_NAME', 'ESTIMATES', 'REID_FORMAT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore', 'load_grey',
+           'pixel_vectors', 'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets', 'translation_dcr',
+           'prdc', 'dcr_percentile', 'tail_threshold', 'crossfit_rate', 'ReidNet', 'pair_scores', 'verification',
+           'train_reid', 'save_reid', 'load_reid', 'perturb', 'plant_copies', 'audit_folder', 'audit',
+           'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli', 'train_reid_cli', 'release_cli',
+           'bench_privacy_cli', 'feature_knob', 'planted_rates']
 
 # %% ../nbs/14_privacy.ipynb #347b8fcb
 NIH_NAME = re.compile(r'^(\d{8})_(\d{3})\.\w+$')
@@ -194,15 +194,28 @@ def dcr_percentile(dcr, baseline) -> np.ndarray:
     b = np.sort(np.asarray(baseline, np.float64))
     return 100.0 * np.searchsorted(b, np.asarray(dcr, np.float64), side='right') / len(b)
 
-def crossfit_rate(hold_dcr, hold_pid, quantile: float = 0.01, hold_reid=None, seed: int = 0) -> float:
+ESTIMATES = ('fit', 'empirical')
+
+def tail_threshold(x, quantile: float = 0.01, upper: bool = False, estimate: str = 'fit') -> float:
+    """The lower (`upper=False`: of DCRs, fitted on log scale) or upper (`upper=True`: of probabilities, fitted on the logit
+    scale) `quantile` tail threshold of a baseline `x`: a normal fit (`'fit'`) or the empirical quantile."""
+    x = np.asarray(x, np.float64); q = 1 - quantile if upper else quantile
+    if estimate not in ESTIMATES: raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
+    if estimate == 'empirical' or len(x) < 3: return float(np.quantile(x, q))
+    from scipy.stats import norm
+    t = np.log(np.clip(x, 1e-12, 1 - 1e-12) / (1 - np.clip(x, 1e-12, 1 - 1e-12))) if upper else np.log(np.maximum(x, 1e-12))
+    v = t.mean() + norm.ppf(q) * t.std(ddof=1)
+    return float(1 / (1 + np.exp(-v)) if upper else np.exp(v))
+
+def crossfit_rate(hold_dcr, hold_pid, quantile: float = 0.01, hold_reid=None, seed: int = 0, estimate: str = 'fit') -> float:
     "Share of held-out images flagged by thresholds set on the *other* half of held-out patients (two-fold, by patient)."
     pid = np.asarray([str(p) for p in hold_pid]); u = np.unique(pid)
     if len(u) < 2: return float('nan')
     half = set(np.random.default_rng(seed).permutation(u)[:len(u) // 2]); a = np.array([p in half for p in pid])
     flags = np.zeros(len(pid), bool)
     for cal, ev in ((a, ~a), (~a, a)):
-        flags[ev] = np.asarray(hold_dcr)[ev] < np.quantile(np.asarray(hold_dcr)[cal], quantile)
-        if hold_reid is not None: flags[ev] |= np.asarray(hold_reid)[ev] > np.quantile(np.asarray(hold_reid)[cal], 1 - quantile)
+        flags[ev] = np.asarray(hold_dcr)[ev] < tail_threshold(np.asarray(hold_dcr)[cal], quantile, estimate=estimate)
+        if hold_reid is not None: flags[ev] |= np.asarray(hold_reid)[ev] > tail_threshold(np.asarray(hold_reid)[cal], quantile, True, estimate)
     return float(flags.mean())
 
 # %% ../nbs/14_privacy.ipynb #e4eb95d1
@@ -387,7 +400,7 @@ def _reid_scores(model: ReidNet, E_query: np.ndarray, E_ref: np.ndarray, chunk: 
 FLAG_SPACES = ('pixels', 'features', 'either')
 
 def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', reid=None, splits=None, train_split: str | None = None,
-          holdout_split: str | None = None, pixel_size: int = 32, max_shift: float = 0.025, oversample: int = 4, quantile: float = 0.01, flag_space: str = 'pixels', prdc_k: int = 5,
+          holdout_split: str | None = None, pixel_size: int = 32, max_shift: float = 0.025, oversample: int = 4, quantile: float = 0.01, estimate: str = 'fit', flag_space: str = 'pixels', prdc_k: int = 5,
           batch_size: int = 64, workers: int = 0, chunk: int = 4096, device=None, inception_weights=None,
           allow_random_weights: bool = False, n_pairs: int = 8, force: bool = False, seed: int = 0, verbose: bool = True) -> dict:
     """Privacy audit of the images `synthetic` against the training images `train`, with `holdout` (other patients) as
@@ -396,6 +409,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
     t0 = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
     if not 0 < quantile < 0.5: raise ValueError(f"--quantile {quantile}: must be in (0, 0.5), e.g. 0.01 (the 1st percentile)")
+    if estimate not in ESTIMATES: raise ValueError(f"--estimate {estimate!r}: choose one of {ESTIMATES}")
     if flag_space not in FLAG_SPACES: raise ValueError(f"--flag-space {flag_space!r}: choose one of {FLAG_SPACES}")
     if feature_space != 'pixels' and feature_space != 'inception' and not str(feature_space).startswith('classifier:'):
         raise ValueError(f"--features {feature_space!r}: choose pixels, inception or classifier:CKPT")
@@ -448,7 +462,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
             d, i = nearest_neighbours(V[k], V['train'], 1, chunk, device, desc=f'{k}→train ({sp})')
             nn_[sp, k] = (d[:, 0], i[:, 0])
     tnames = tr['Image Index'].to_numpy()
-    thr = {sp: float(np.quantile(nn_[sp, 'holdout'][0], quantile)) for sp in spaces}
+    thr = {sp: tail_threshold(nn_[sp, 'holdout'][0], quantile, estimate=estimate) for sp in spaces}
     fs = 'pixels' if flag_space == 'pixels' else 'features'
     flags = pd.DataFrame({'Image Index': sy['Image Index'], 'nearest': tnames[nn_[fs, 'synthetic'][1]], 'dcr': nn_[fs, 'synthetic'][0],
                           'dcr_percentile': dcr_percentile(nn_[fs, 'synthetic'][0], nn_[fs, 'holdout'][0])})
@@ -464,7 +478,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
              for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
         s_sy, j_sy = _reid_scores(model, E['synthetic'], E['train'], chunk, device)
         hold_reid, j_ho = _reid_scores(model, E['holdout'], E['train'], chunk, device)
-        reid_thr = float(np.quantile(hold_reid, 1 - quantile))
+        reid_thr = tail_threshold(hold_reid, quantile, True, estimate)
         by_reid = s_sy > reid_thr
         flags['reid_score'] = s_sy; hold['reid_score'] = hold_reid
         flags['reid_nearest'] = tnames[j_sy]; hold['reid_nearest'] = tnames[j_ho]
@@ -490,7 +504,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
     with atomic_path(flags_path) as tmp: flags.to_csv(tmp, index=False)
     with atomic_path(out / 'holdout.csv') as tmp: hold.to_csv(tmp, index=False)
     settings = dict(feature_space=feature_space, flag_space=flag_space, pixel_size=ps, pixel_size_asked=int(pixel_size), max_shift=max_shift,
-                    shift_resolution=R, oversample=oversample, quantile=quantile,
+                    shift_resolution=R, oversample=oversample, quantile=quantile, estimate=estimate,
                     prdc_k=prdc_k, splits=str(splits) if splits else None, train_split=train_split, holdout_split=holdout_split,
                     reid=str(reid) if reid else None, seed=seed)
     rec = dict(settings=settings, space=space_note, sets=info,
@@ -501,7 +515,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
                thresholds=dict(dcr={sp: thr[sp] for sp in spaces}, reid=reid_thr),
                share_flagged=float(flags['flagged'].mean()),
                holdout_flagged_in_sample=float((hold_by | (hold_reid > reid_thr if hold_reid is not None else False)).mean()),
-               holdout_false_flag_crossfit=crossfit_rate(nn_[fs, 'holdout'][0], ho['Patient ID'].fillna(pd.Series(ho.index.astype(str))), quantile, hold_reid, seed),
+               holdout_false_flag_crossfit=crossfit_rate(nn_[fs, 'holdout'][0], ho['Patient ID'].fillna(pd.Series(ho.index.astype(str))), quantile, hold_reid, seed, estimate),
                mann_whitney=mw, prdc=dict(space=pr_space, k=prdc_k, **(pr or {})) if pr else None,
                reid=dict({k: v for k, v in rrec.items() if k != 'path'}, path=rrec['path']) if rrec else None,
                weights=weights or 'none: pixel space only (no network)', flags_sha256=file_sha256(flags_path),
@@ -515,7 +529,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
         with atomic_path(out / name) as tmp: fig.savefig(tmp, dpi=130, format='png')
         plt.close(fig); write_provenance(out / name, **prov)
     say(f"[audit] {rec['counts']['flagged']} of {len(sy)} synthetic images flagged ({100 * rec['share_flagged']:.1f} %: DCR {int(by_dcr.sum())}, "
-        f"re-id {int(by_reid.sum())}); DCR threshold {thr[fs]:.4f} = the {100 * quantile:g} % quantile of {len(ho)} held-out images' DCRs; "
+        f"re-id {int(by_reid.sum())}); DCR threshold {thr[fs]:.4f} = the {100 * quantile:g} % quantile ({estimate}) of {len(ho)} held-out images' DCRs; "
         f"held-out false-flag rate (cross-fitted) {100 * rec['holdout_false_flag_crossfit']:.1f} %; wrote {out}")
     return dict(rec, flags=flags, holdout=hold, out=out)
 
@@ -621,6 +635,8 @@ def audit_cli(argv: list[str]) -> int:
     ap.add_argument('--pixel-size', type=positive_int, default=32, help='pixel-space resolution (never above the smallest set\'s; default 32)')
     ap.add_argument('--max-shift', type=float, default=0.025, help='pixel DCR: the training image may move by up to this fraction of its size (default 0.025)')
     ap.add_argument('--quantile', type=float, default=0.01, help='flag below this quantile of the held-out DCRs (default 0.01: the 1st percentile)')
+    ap.add_argument('--estimate', default='fit', choices=ESTIMATES, help='how the quantile is estimated: a normal fit to the log-DCRs '
+                    '(default; stable with ~100 held-out images) or the empirical quantile (thousands of held-out images)')
     ap.add_argument('--flag-space', default='pixels', choices=FLAG_SPACES, help='space of the DCR flag (default pixels)')
     ap.add_argument('--prdc-k', type=positive_int, default=5, help='k of precision/recall/density/coverage (default 5)')
     ap.add_argument('--pairs', type=positive_int, default=8, help='closest pairs shown in closest_pairs.png')
@@ -630,7 +646,7 @@ def audit_cli(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     check_device(a.device); ts, hs = _splits_of(a)
     if not 0 <= a.max_shift < 0.25: raise ValueError(f"--max-shift {a.max_shift}: a fraction of the image size in [0, 0.25), e.g. 0.025")
-    r = audit(a.train, a.holdout, a.synthetic, a.out, a.features, a.reid, a.splits, ts, hs, a.pixel_size, a.max_shift, quantile=a.quantile, flag_space=a.flag_space,
+    r = audit(a.train, a.holdout, a.synthetic, a.out, a.features, a.reid, a.splits, ts, hs, a.pixel_size, a.max_shift, quantile=a.quantile, estimate=a.estimate, flag_space=a.flag_space,
               prdc_k=a.prdc_k, batch_size=a.batch_size, workers=a.workers, device=a.device, inception_weights=a.inception_weights,
               allow_random_weights=a.allow_random_weights, n_pairs=a.pairs, force=a.force, seed=a.seed)
     mw = r['mann_whitney'][('pixels' if a.flag_space == 'pixels' else 'features')]
@@ -704,13 +720,13 @@ ARTIFACTS.setdefault('reid', ('outputs', 'checkpoints/reid_{profile}.pt', '14_pr
 ARTIFACTS.setdefault('privacy_planted', ('outputs', 'archive/archive_{profile}_planted', '14_privacy'))
 
 register_profile('privacy',
-    smoke=dict(synthetic='random', n_synthetic=24, feature_space='pixels', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, flag_space='pixels', prdc_k=3,
+    smoke=dict(synthetic='random', n_synthetic=24, feature_space='pixels', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=3,
                holdout_split='val', eval_split='test', reid='train', reid_steps=30, reid_batch=8, reid_width=8, reid_lr=2e-3,
                n_planted=8, pairs_shown=6, batch_size=64, workers=0, seed=0),
-    demo=dict(synthetic='auto', n_synthetic=0, feature_space='classifier', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, flag_space='pixels', prdc_k=5,
+    demo=dict(synthetic='auto', n_synthetic=0, feature_space='classifier', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=5,
               holdout_split='val', eval_split='test', reid='train', reid_steps=300, reid_batch=32, reid_width=16, reid_lr=3e-3,
               n_planted=100, pairs_shown=8, batch_size=128, workers=0, seed=0),
-    paper=dict(synthetic='auto', n_synthetic=0, feature_space='inception', pixel_size=64, max_shift=0.025, dcr_quantile=0.01, flag_space='pixels', prdc_k=5,
+    paper=dict(synthetic='auto', n_synthetic=0, feature_space='inception', pixel_size=64, max_shift=0.025, dcr_quantile=0.01, estimate='empirical', flag_space='pixels', prdc_k=5,
                holdout_split='val', eval_split='test', reid='train', reid_steps=20000, reid_batch=64, reid_width=64, reid_lr=1e-3,
                n_planted=1000, pairs_shown=12, batch_size=256, workers=8, seed=0));
 
