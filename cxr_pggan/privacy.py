@@ -226,12 +226,12 @@ class ReidNet(nn.Module):
     def __init__(self, input_size: int = 32, width: int = 32, dim: int = 128):
         super().__init__()
         self.input_size, self.width, self.dim = int(input_size), int(width), int(dim)
-        layers, c, s = [], 1, self.input_size
-        while s > 4:
-            w = min(width * 2 ** len(layers) // 2 if layers else width, width * 8)
+        layers, c, s, b = [], 1, self.input_size, 0
+        while s > 4:                                     # conv + strided conv blocks, width doubling (at most 8×), down to ≤ 4²
+            w = min(width * 2 ** b, width * 8)
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
                        nn.Conv2d(w, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            c, s = w, s // 2
+            c, s, b = w, (s + 1) // 2, b + 1
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c * s * s, dim)
         self.scale, self.bias = nn.Parameter(torch.tensor(10.0)), nn.Parameter(torch.tensor(-5.0))
