@@ -17,12 +17,12 @@ from .features import (ImageFiles, collate_images, default_device, image_paths, 
                                 resize_to, stored_size, weights_record)
 
 # %% auto #0
-__all__ = ['NIH_NAME', 'ESTIMATES', 'REID_FORMAT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore', 'load_grey',
-           'pixel_vectors', 'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets', 'translation_dcr',
-           'prdc', 'dcr_percentile', 'tail_threshold', 'crossfit_rate', 'ReidNet', 'pair_scores', 'verification',
-           'train_reid', 'save_reid', 'load_reid', 'perturb', 'plant_copies', 'audit_folder', 'audit',
-           'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli', 'train_reid_cli', 'release_cli',
-           'bench_privacy_cli', 'feature_knob', 'planted_rates']
+__all__ = ['NIH_NAME', 'ESTIMATES', 'REID_FORMAT', 'REID_MAX_INPUT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore',
+           'load_grey', 'pixel_vectors', 'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets',
+           'translation_dcr', 'prdc', 'dcr_percentile', 'tail_threshold', 'crossfit_rate', 'reid_input_size', 'ReidNet',
+           'pair_scores', 'verification', 'train_reid', 'save_reid', 'load_reid', 'perturb', 'plant_copies',
+           'audit_folder', 'audit', 'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli',
+           'train_reid_cli', 'release_cli', 'bench_privacy_cli', 'feature_knob', 'planted_rates']
 
 # %% ../nbs/14_privacy.ipynb #347b8fcb
 NIH_NAME = re.compile(r'^(\d{8})_(\d{3})\.\w+$')
@@ -162,7 +162,7 @@ def translation_dcr(queries, train_images: torch.Tensor, size: int, max_shift: f
     best = np.full(len(Q), np.inf); idx = np.zeros(len(Q), np.int64); off = np.zeros(len(Q), np.int64)
     offs = shift_offsets(max_shift, R)
     for k, (dy, dx) in enumerate(progress(offs, desc=desc, unit='shift', disable=desc is None)):
-        ref = torch.cat([torch.as_tensor(pixel_vectors(resize_to(shift_image(T[s:s + chunk], dy, dx), size).cpu()))
+        ref = torch.cat([torch.as_tensor(pixel_vectors(resize_to(shift_image(T[s:s + chunk].float(), dy, dx), size).cpu()))
                          for s in range(0, len(T), chunk)])
         d, i = nearest_neighbours(Q, ref, 1, chunk, device)
         u = d[:, 0] < best
@@ -220,6 +220,11 @@ def crossfit_rate(hold_dcr, hold_pid, quantile: float = 0.01, hold_reid=None, se
 
 # %% ../nbs/14_privacy.ipynb #e4eb95d1
 REID_FORMAT = 'cxr_pggan.reid/1'
+REID_MAX_INPUT = 256          # Packhäuser et al. verify at 256²
+
+def reid_input_size(resolution: int) -> int:
+    "Input size of the re-identification network for images of `resolution` (images are only ever downsampled to it)."
+    return min(int(resolution), REID_MAX_INPUT)
 
 class ReidNet(nn.Module):
     "Siamese verification network: `embed(x)` (unit vectors) of z-scored grey images; `logit(e1, e2)` same-patient logit."
@@ -290,7 +295,7 @@ def train_reid(x: torch.Tensor, pids, x_val: torch.Tensor, pids_val, steps: int 
         raise ValueError(f"re-identification training needs patients with at least two images (follow-ups); the training set has "
                          f"{len(multi)} such patient(s) among {len(groups)}: use a dataset with follow-ups (NIH, the phantom)")
     dev = _dev(device)
-    model = ReidNet(input_size or min(x.shape[-1], 256), width, dim).to(dev)
+    model = ReidNet(input_size or reid_input_size(x.shape[-1]), width, dim).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     B = min(patients_per_batch, len(multi)); losses = []
@@ -441,8 +446,8 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
         say(f"[audit] the sets differ in resolution or channels; all brought to {ps}² grey: {sizes}")
     say(f"[audit] {space_note}")
     R = min(min(info['train']['width'], info['train']['height']), oversample * ps)
-    T = load_grey(tr['path'], R, batch_size, workers, desc='train')
-    P = {'train': pixel_vectors(resize_to(T, ps))} | {k: pixel_vectors(load_grey(d['path'], ps, batch_size, workers, desc=k))
+    T = load_grey(tr['path'], R, batch_size, workers, desc='train').half()   # half precision: 78k NIH images at 256² are 10 GB
+    P = {'train': pixel_vectors(resize_to(T.float(), ps))} | {k: pixel_vectors(load_grey(d['path'], ps, batch_size, workers, desc=k))
                                                        for k, d in (('holdout', ho), ('synthetic', sy))}
     spaces = {'pixels': P}
     weights = None
@@ -473,8 +478,7 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
         by_dcr |= nn_[sp, 'synthetic'][0] < thr[sp]; hold_by |= nn_[sp, 'holdout'][0] < thr[sp]
     reid_thr = None; by_reid = np.zeros(len(sy), bool); hold_reid = None
     if model is not None:
-        Rr = rrec['resolution']
-        E = {k: pair_scores(model, load_grey(d['path'], Rr, batch_size, workers, desc=f'{k} re-id'), device=device)
+        E = {k: pair_scores(model, load_grey(d['path'], model.input_size, batch_size, workers, desc=f'{k} re-id'), device=device)
              for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
         s_sy, j_sy = _reid_scores(model, E['synthetic'], E['train'], chunk, device)
         hold_reid, j_ho = _reid_scores(model, E['holdout'], E['train'], chunk, device)
@@ -674,8 +678,9 @@ def train_reid_cli(argv: list[str]) -> int:
     for k, d in (('--train', tr), ('--holdout', ho)):
         if d['Patient ID'].isna().any(): raise ValueError(f"{k} {getattr(a, k[2:])}: the patients of its images are unknown; give --splits CSV or a folder with its Data_Entry CSV")
     R = a.resolution or _describe(list(tr['path']))['width']
-    x, xv = load_grey(tr['path'], R, a.batch_size, a.workers, 'train'), load_grey(ho['path'], R, a.batch_size, a.workers, 'holdout')
-    model, rec = train_reid(x, tr['Patient ID'], xv, ho['Patient ID'], a.steps, a.patients_per_batch, a.lr, a.width, seed=a.seed, device=a.device)
+    S = reid_input_size(R)
+    x, xv = load_grey(tr['path'], S, a.batch_size, a.workers, 'train'), load_grey(ho['path'], S, a.batch_size, a.workers, 'holdout')
+    model, rec = train_reid(x, tr['Patient ID'], xv, ho['Patient ID'], a.steps, a.patients_per_batch, a.lr, a.width, input_size=S, seed=a.seed, device=a.device)
     save_reid(model, a.out, R, dict(rec, train=str(a.train), holdout=str(a.holdout), splits=a.splits))
     h = rec['held_out']
     print(f"re-identification on {h['patients']} held-out patients ({h['positive_pairs']} same-patient / {h['negative_pairs']} other pairs): "
