@@ -700,7 +700,7 @@ def train_reid_cli(argv: list[str]) -> int:
 
 # %% ../nbs/14_privacy.ipynb #db6efc39
 def release_cli(argv: list[str]) -> int:
-    ap = CLIParser(prog='cxr-pggan archive --exclude-flagged', description='Write a release copy of an audited archive without its flagged images.')
+    ap = CLIParser(prog='cxr-pggan archive', description='Write a release copy of an audited archive without its flagged images.')
     ap.add_argument('--exclude-flagged', required=True, metavar='FLAGS', help='flags.csv of `cxr-pggan audit` (audit.json must be beside it)')
     ap.add_argument('--out', required=True, help='a new folder for the release copy')
     ap.add_argument('--archive', help='the audited archive (default: the one named in the audit)')

@@ -68,6 +68,7 @@ def test_planted_copies_are_found_and_other_patients_are_not(tmp_path):
     r = cli('audit', '--train', folder, '--holdout', folder, '--splits', splits, '--synthetic', tmp_path / 'archive',
             '--out', tmp_path / 'audit', outputs=tmp_path / 'outputs')
     assert r.returncode == 0, r.stderr[-2000:]
+    assert 'all brought to 32² grey' in r.stdout and '128×128' in r.stdout                 # the resolutions are stated
     flags = pd.read_csv(tmp_path / 'audit' / 'flags.csv')
     assert list(flags.columns[:6]) == ['Image Index', 'nearest', 'dcr', 'dcr_percentile', 'reid_score', 'flagged']
     rates = planted_rates(flags, truth).set_index('kind'); print(rates.to_string())   # shown with -s
