@@ -348,8 +348,13 @@ register_profile('archive',
 
 # %% ../nbs/11_archive.ipynb #19e06a2c
 def archive_cli(argv: list[str]) -> int:
+    if any(a == '--exclude-flagged' or a.startswith('--exclude-flagged=') for a in argv):   # a release copy of an audited archive
+        from cxr_pggan.privacy import release_cli
+        return release_cli(argv)
     ap = CLIParser(prog='cxr-pggan archive', description='Write (or resume) a labelled synthetic cohort in the NIH layout. '
                                  'Kill it at any time and run the same command again to resume; run under torchrun to shard over GPUs.')
+    ap.add_argument('--exclude-flagged', metavar='FLAGS', help='instead: copy the archive audited in FLAGS (flags.csv of `cxr-pggan audit`) to --out '
+                    'without its flagged images (see `cxr-pggan archive --exclude-flagged FLAGS --help`)')
     ap.add_argument('--generator', required=True, help='GAN checkpoint (any format cxr-pggan reads; the EMA generator is used)')
     ap.add_argument('--classifier', required=True, help='classifier checkpoint from `cxr-pggan train-classifier`')
     ap.add_argument('--n', type=positive_int, required=True, help='number of images (exactly)')

@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
     'study':     ('cxr_pggan.study:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
     'train-encoder': ('cxr_pggan.synthetic:train_encoder_cli', "latent encoder of a GAN (D retrained to predict z; Table 2 'Embedded'); resumable"),
     'embed':     ('cxr_pggan.synthetic:embed_cli', 'write G(E(x)) for every real image of a folder in the NIH layout (names, patients, labels kept)'),
+    'audit':     ('cxr_pggan.privacy:audit_cli', 'privacy audit of a synthetic archive: nearest training image (DCR) vs a held-out baseline, re-identification, flags.csv, PRDC'),
+    'train-reid': ('cxr_pggan.privacy:train_reid_cli', 'train the siamese patient re-identification network; verification AUC on held-out patients'),
 }
 
 BENCHES: dict[str, str] = {
@@ -36,6 +38,7 @@ BENCHES: dict[str, str] = {
     'gan':     'cxr_pggan.train:bench_gan_cli',
     'latent':  'cxr_pggan.latent:bench_latent_cli',
     'fid':     'cxr_pggan.features:bench_fid_cli',
+    'privacy': 'cxr_pggan.privacy:bench_privacy_cli',
 }
 
 def _resolve(target: str):
@@ -91,6 +94,7 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'fid': 'cxr_pggan.fid', 'prevalence': 'cxr_pggan.prevalence', 'latent': 'cxr_pggan.latent', 'archive': 'cxr_pggan.archive',
     'reader_study': 'cxr_pggan.study',
     'synthetic': 'cxr_pggan.synthetic',
+    'privacy': 'cxr_pggan.privacy',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:

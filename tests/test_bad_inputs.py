@@ -462,3 +462,52 @@ def test_time_budget_stops_training_cleanly(ws, tmp_path):
     assert 'time budget 0.001s reached' in r.stdout and '--resume-from' in r.stdout and '"stopped": true' in r.stdout
     r = cli(ws['root'], 'train', '--data', ws['user'], '--run', 'tb', *TINY)                # the same command continues
     assert r.returncode == 0 and 'resuming from' in r.stdout and '"stopped": false' in r.stdout, r.stdout[-1500:]
+# ---- the privacy audit: sets, patients, re-identification checkpoints, release copies --------------------------------
+
+def _split_by_followup(ws, tmp_path):
+    "train = first images of every user patient, holdout = their follow-ups (the same patients)."
+    import shutil
+    tr, ho = tmp_path / 'tr', tmp_path / 'ho'
+    for p in sorted((ws['user'] / 'images').glob('*.png')):
+        d = tr if p.stem.endswith('_000') else ho; d.mkdir(exist_ok=True); shutil.copy(p, d / p.name)
+    return tr, ho
+
+
+@pytest.mark.parametrize('case', ['shared-patients', 'same-images', 'empty-synthetic', 'bad-features', 'users-folder'])
+def test_audit_inputs(ws, tmp_path, case):
+    w, u = ws['root'], ws['user']
+    tr, ho = _split_by_followup(ws, tmp_path)
+    (tmp_path / 'empty').mkdir()
+    before = _protect(u, ws['small'])
+    base = ['audit', '--train', tr, '--holdout', ho, '--synthetic', ws['small'], '--out', tmp_path / 'out']
+    if case == 'shared-patients': one_error(cli(w, *base), f'--holdout {ho}', 'patient 0 (image 00000000_001.png)', 'other patients', '--splits')
+    if case == 'same-images': one_error(cli(w, 'audit', '--train', u, '--holdout', u, '--synthetic', ws['small'], '--out', tmp_path / 'out'),
+                                        'image 00000000_000.png is also in the training set')
+    if case == 'empty-synthetic': one_error(cli(w, *base[:5], '--synthetic', tmp_path / 'empty', '--out', tmp_path / 'out'), f'--synthetic {tmp_path / "empty"}', 'no images')
+    if case == 'bad-features': one_error(cli(w, *base, '--features', 'vgg'), "--features 'vgg'", 'classifier:CKPT')
+    if case == 'users-folder':
+        one_error(cli(w, 'audit', '--train', u, '--holdout', u, '--splits', w / 'splits' / 'splits.csv', '--holdout-split', 'test',
+                      '--synthetic', ws['small'], '--out', u), str(u), 'not empty', '--force')
+    assert _protect(u, ws['small']) == before and not (tmp_path / 'out' / 'flags.csv').exists()
+
+
+def test_reid_checkpoint_for_another_resolution_and_release_checks(ws, tmp_path):
+    w, u, sp = ws['root'], ws['user'], ws['root'] / 'splits' / 'splits.csv'
+    r = cli(w, 'train-reid', '--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test', '--steps', '3',
+            '--patients-per-batch', '4', '--width', '4', '--out', tmp_path / 'reid40.pt')
+    assert r.returncode == 0 and 'AUC' in r.stdout, r.stderr[-1500:]
+    sets = ['--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test']
+    one_error(cli(w, 'audit', *sets, '--synthetic', ws['small'], '--reid', tmp_path / 'reid40.pt', '--out', tmp_path / 'a'),
+              f'--reid {tmp_path / "reid40.pt"}', 'trained for 40² images', '32²', 'train-reid', '--resolution 32')
+    one_error(cli(w, 'audit', *sets, '--synthetic', ws['small'], '--reid', ws['clf'], '--out', tmp_path / 'a'), str(ws['clf']), 'not a re-identification checkpoint')
+    # a real audit (a 40² re-id network for a 40² "archive"), then a release copy; edited flags are refused
+    r = cli(w, 'audit', *sets, '--synthetic', ws['kinds'], '--reid', tmp_path / 'reid40.pt', '--prdc-k', '2', '--out', tmp_path / 'audit')
+    assert r.returncode == 0, r.stderr[-1500:]
+    flags = tmp_path / 'audit' / 'flags.csv'
+    assert pd.read_csv(flags)['reid_score'].between(0, 1).all()
+    one_error(cli(w, 'archive', '--exclude-flagged', flags, '--out', ws['kinds']), '--out', 'inside it')
+    one_error(cli(w, 'archive', '--exclude-flagged', flags, '--archive', ws['small'], '--out', tmp_path / 'rel'), 'not the audited set')
+    r = cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel')
+    assert r.returncode == 0 and (tmp_path / 'rel' / 'release.json').is_file(), r.stderr[-1500:]
+    flags.write_text(flags.read_text().replace(',False,', ',True,', 1))             # someone "corrects" a flag by hand
+    one_error(cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel2'), str(flags), 'changed after the audit')
