@@ -19,11 +19,11 @@ from .pggan import (Discriminator, Generator, PGGANConfig, from_unit, make_confi
 # %% auto #0
 __all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'worker_processes',
            'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers',
-           'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split', 'RealImages',
-           'init_distributed', 'allreduce_grads', 'broadcast_params', 'list_checkpoints', 'latest_checkpoint',
-           'find_run_checkpoints', 'model_meta', 'save_train_checkpoint', 'save_grid', 'plot_curves',
-           'NonFiniteLossError', 'launch_train', 'train', 'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli',
-           'bench_gan', 'bench_gan_cli']
+           'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split',
+           'gan_training_split', 'gan_saw_split', 'RealImages', 'init_distributed', 'allreduce_grads',
+           'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
+           'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'launch_train', 'train',
+           'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
 
 # %% ../nbs/06_gan_train.ipynb #11f72cf6
 def level_of(resolution: int) -> int: return int(math.log2(resolution)) - 2
@@ -259,6 +259,32 @@ def select_split(df, splits, train_split: str):
     out.attrs = dict(m.attrs)
     if not len(out): raise ValueError(f"train_split={train_split!r}: none of its images in {splits} were found under {df.attrs.get('folder')}")
     return out, dict(name=train_split, splits=str(splits), sha256=file_sha256(splits), images=len(out))
+
+def gan_training_split(generator) -> dict | None:
+    """What a generator was trained on: `select_split`'s record (name, splits, sha256, images), read from a model file
+    (a path) or a weights record with `origin` (`archive.json`'s `generator`). A file of `cxr_pggan.train` from before
+    the record existed trained on every image (name 'all'); None when nothing is recorded (a converted or random GAN)."""
+    if isinstance(generator, (str, Path)):
+        from cxr_pggan.pggan import load_pretrained
+        generator = dict(origin=load_pretrained(generator).meta.get('origin'))
+    origin = (generator or {}).get('origin') or {}
+    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
+    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+
+def gan_saw_split(trained: dict | None, split: str, splits=None) -> tuple[bool | None, str]:
+    """`(seen, sentence)`: whether a GAN trained on `trained` (`gan_training_split`) saw the images of the split `split`
+    of the splits file `splits` (True, False, or None when unknown), and a sentence that says so."""
+    from cxr_pggan.core import file_sha256
+    if trained is None:
+        return None, f"the GAN's training images are not recorded (not trained by cxr_pggan.train): it may have seen the {split!r} images"
+    name = trained.get('name')
+    if name == 'all':
+        return True, f"the GAN trained on all images (train_split='all'): the {split!r} images were seen by the GAN"
+    if name == split: return True, f"the GAN trained on the {split!r} split: its images were seen by the GAN"
+    if splits is not None and trained.get('sha256') and Path(splits).is_file() and trained['sha256'] != file_sha256(splits):
+        return None, (f"the GAN trained on the {name!r} split of another splits file ({trained.get('splits')}): "
+                      f"whether it saw the {split!r} images of {splits} is unknown")
+    return False, f"the GAN trained only on the {name!r} split ({trained.get('images')} images): the {split!r} images were never seen by the GAN"
 
 # %% ../nbs/06_gan_train.ipynb #715ddea9
 class RealImages:
