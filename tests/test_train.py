@@ -165,6 +165,9 @@ def test_train_split_reads_only_that_split_and_is_recorded(nih_folder, tmp_path)
     with pytest.raises(ValueError, match=r"cannot resume, it was trained on train_split='train' and this run asks for 'all'") as e:
         T.train(dict(P, train_split='all', kimg_last=0.032), quiet=True)
     assert '\n' not in str(e.value)
+    sp.assign(split=['train'] * 9 + ['val'] * 4 + ['test'] * 3).to_csv(tmp_path / 'splits.csv', index=False)   # the split file changed
+    with pytest.raises(ValueError, match=r"cannot resume, the splits file .*splits\.csv changed since this checkpoint"):
+        T.train(dict(P, kimg_last=0.032), quiet=True)
     with pytest.raises(ValueError, match=r"train_split='tset': no such split .*known splits: test, train, val"):
         T.train(dict(P, train_split='tset', run='other', checkpoint_dir=str(tmp_path / 'c2'), sample_dir=str(tmp_path / 's2')), quiet=True)
 
