@@ -12,14 +12,15 @@ import torch, torch.nn.functional as F
 from .core import (CLIParser, CorruptFileError, PRECISIONS, TimeBudget, atomic_path, cap_workers, check_device, claim_folder,
                             device_info, dist_env, enforce_size_cap, on_kaggle, parse_duration, resolve_precision,
                             outputs_dir, parse_sets, progress, register_profile, seed_everything, torch_load, write_provenance)
-from .experiment import artifact, resolve_dataset
+from .experiment import artifact, dataset_splits, resolve_dataset
 from .pggan import (Discriminator, Generator, PGGANConfig, from_unit, make_config, save_pggan,
                              to_unit, upsample2)
 
 # %% auto #0
 __all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'worker_processes',
            'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers',
-           'index_batches', 'fade_in_reals', 'load_training_frame', 'RealImages', 'init_distributed', 'allreduce_grads',
+           'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split',
+           'gan_training_split', 'gan_saw_split', 'RealImages', 'init_distributed', 'allreduce_grads',
            'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
            'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'launch_train', 'train',
            'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
@@ -73,6 +74,8 @@ class TrainConfig:
     # data
     data: str | None = None             # NIH-layout folder (images/ or images_0XX/images/ + Data_Entry_2017*.csv); the edge sets it from the profile's dataset
     metadata: str | None = None         # metadata CSV (None: the Data_Entry_2017*.csv in `data`)
+    train_split: str = 'all'            # images the GAN trains on: 'all' (every image of `data`, as the authors' code) or a split of the dataset's shared splits file ('train': val and test patients stay unseen)
+    splits: str | None = None           # the splits CSV `train_split` names a split of; the edge sets it (experiment.dataset_splits)
     channels: int = 3                   # image channels of G's output and D's input (the paper: 3, grey radiographs read as RGB)
     cache_images: bool = False          # decode every image once into memory at the final resolution (small sets); else DataLoader workers decode
     workers: int = 8                    # DataLoader worker processes when not caching
@@ -126,6 +129,8 @@ class TrainConfig:
         parse_duration(self.time_budget)                                 # a bad budget fails here, before any work
         worker_processes(self.processes)
         if self.max_outputs_gib is not None: self.max_outputs_gib = float(self.max_outputs_gib)
+        if not isinstance(self.train_split, str) or not self.train_split:
+            raise ValueError(f"train_split must be 'all' or the name of a split of the splits file (e.g. 'train'), got {self.train_split!r}")
         if self.resolution < 4 or self.resolution & (self.resolution - 1): raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
         if not 4 <= self.start_resolution <= self.resolution or self.start_resolution & (self.start_resolution - 1):
             raise ValueError(f"start_resolution must be a power of two in [4, resolution={self.resolution}], got {self.start_resolution}")
@@ -230,6 +235,57 @@ def load_training_frame(data, metadata=None):
     from cxr_pggan.data import load_folder
     return load_folder(data, metadata, on_missing='drop')
 
+def check_train_split(splits, train_split: str) -> list[str]:
+    "The split names of the splits file `splits`; one clear line when `train_split` is not one of them (or 'all')."
+    from cxr_pggan.data import load_splits
+    if train_split == 'all': return []
+    if not splits: raise ValueError(f"train_split={train_split!r} needs the dataset's splits file (TrainConfig.splits; the notebook and "
+                                    "`cxr-pggan train` set it from the dataset), or use train_split='all'")
+    known = sorted(load_splits(splits)['split'].dropna().unique())
+    if train_split not in known:
+        raise ValueError(f"train_split={train_split!r}: no such split in {splits}; known splits: {', '.join(known)} "
+                         "(or 'all' for every image); e.g. --set train_split=train")
+    return known
+
+def select_split(df, splits, train_split: str):
+    """`(rows, record)`: the rows of `df` (a training frame) in the split `train_split` of the splits file `splits`
+    ('all': every row), and what was chosen (name, splits file and its sha256, image count) for the checkpoint's record."""
+    from cxr_pggan.core import file_sha256
+    from cxr_pggan.data import load_splits
+    if train_split == 'all': return df, dict(name='all', splits=None, sha256=None, images=len(df))
+    check_train_split(splits, train_split)
+    m = load_splits(splits, df)
+    out = m[m['split'] == train_split].reset_index(drop=True)
+    out.attrs = dict(m.attrs)
+    if not len(out): raise ValueError(f"train_split={train_split!r}: none of its images in {splits} were found under {df.attrs.get('folder')}")
+    return out, dict(name=train_split, splits=str(splits), sha256=file_sha256(splits), images=len(out))
+
+def gan_training_split(generator) -> dict | None:
+    """What a generator was trained on: `select_split`'s record (name, splits, sha256, images), read from a model file
+    (a path) or a weights record with `origin` (`archive.json`'s `generator`). A file of `cxr_pggan.train` from before
+    the record existed trained on every image (name 'all'); None when nothing is recorded (a converted or random GAN)."""
+    if isinstance(generator, (str, Path)):
+        from cxr_pggan.pggan import load_pretrained
+        generator = dict(origin=load_pretrained(generator).meta.get('origin'))
+    origin = (generator or {}).get('origin') or {}
+    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
+    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+
+def gan_saw_split(trained: dict | None, split: str, splits=None) -> tuple[bool | None, str]:
+    """`(seen, sentence)`: whether a GAN trained on `trained` (`gan_training_split`) saw the images of the split `split`
+    of the splits file `splits` (True, False, or None when unknown), and a sentence that says so."""
+    from cxr_pggan.core import file_sha256
+    if trained is None:
+        return None, f"the GAN's training images are not recorded (not trained by cxr_pggan.train): it may have seen the {split!r} images"
+    name = trained.get('name')
+    if name == 'all':
+        return True, f"the GAN trained on all images (train_split='all'): the {split!r} images were seen by the GAN"
+    if name == split: return True, f"the GAN trained on the {split!r} split: its images were seen by the GAN"
+    if splits is not None and trained.get('sha256') and Path(splits).is_file() and trained['sha256'] != file_sha256(splits):
+        return None, (f"the GAN trained on the {name!r} split of another splits file ({trained.get('splits')}): "
+                      f"whether it saw the {split!r} images of {splits} is unknown")
+    return False, f"the GAN trained only on the {name!r} split ({trained.get('images')} images): the {split!r} images were never seen by the GAN"
+
 # %% ../nbs/06_gan_train.ipynb #715ddea9
 class RealImages:
     "Batches of real images in [0, 1] at a given resolution (cached in memory or decoded by workers)."
@@ -332,21 +388,24 @@ def _set_rng_state(s: dict):
     torch.set_rng_state(s['torch_cpu'])
     if s['torch_cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['torch_cuda'])
 
-def model_meta(cfg: PGGANConfig, G, images_shown: int, run_dir, data=None, precision: str | None = None) -> dict:
-    "The `meta` record of a model file written by training (checkpoints and final.pt alike)."
+def model_meta(cfg: PGGANConfig, G, images_shown: int, run_dir, data=None, precision: str | None = None,
+               split: dict | None = None) -> dict:
+    """The `meta` record of a model file written by training (checkpoints and final.pt alike). `split`: the images
+    trained on (`select_split`'s record: name, splits file, sha256, images); archives and audits read it from `origin`."""
     origin = dict(run=str(run_dir), trained_by='cxr_pggan.train') | (dict(data=str(data)) if data is not None else {}) \
-             | (dict(precision=precision) if precision else {})
+             | (dict(precision=precision) if precision else {}) | (dict(train_split=split) if split else {})
     return dict(source_format='cxr_pggan/train', resolution=G.resolution, channels=cfg.channels, latent_dim=cfg.latent_dim,
                 output_range=list(cfg.output_range), alpha=float(G.alpha), arch=cfg.arch, config=cfg.to_dict(),
                 kimg=images_shown / 1000, origin=origin)
 
 # %% ../nbs/06_gan_train.ipynb #a96f043a
 def save_train_checkpoint(folder, cfg: PGGANConfig, G, D, G_ema, opt_G, opt_D, state: dict, noise_states: list,
-                          train_config: dict, keep: int = 3, scalers: dict | None = None, precision: str | None = None) -> Path:
+                          train_config: dict, keep: int = 3, scalers: dict | None = None, precision: str | None = None,
+                          split: dict | None = None) -> Path:
     "Write `ckpt_<images shown>.pt` atomically and delete all but the newest `keep`. `scalers`: fp16 loss scalers' states."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt_{state['images_shown']:012d}.pt"
-    save_pggan(path, cfg, G=G, D=D, G_ema=G_ema, alpha=float(G.alpha), meta=model_meta(cfg, G, state['images_shown'], folder, precision=precision),
+    save_pggan(path, cfg, G=G, D=D, G_ema=G_ema, alpha=float(G.alpha), meta=model_meta(cfg, G, state['images_shown'], folder, precision=precision, split=split),
                extra=dict(optim_G=opt_G.state_dict(), optim_D=opt_D.state_dict(), state=state, scalers=dict(scalers or {}),
                           rng=dict(_rng_state(), noise=list(noise_states)), train_config=json.loads(json.dumps(train_config))))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -502,7 +561,10 @@ class _Run:
         cfg = self.cfg
         if not cfg.data: raise ValueError("TrainConfig.data is not set: give the NIH-layout folder to train on "
                                           "(the notebook and `cxr-pggan train` set it from the profile's dataset)")
-        self.df = load_training_frame(cfg.data, cfg.metadata)
+        every = load_training_frame(cfg.data, cfg.metadata)
+        self.df, self.split = select_split(every, cfg.splits, cfg.train_split)
+        if self.io and not self.quiet and cfg.train_split != 'all':
+            print(f"training on the {cfg.train_split!r} split of {cfg.splits}: {len(self.df)} of {len(every)} images", flush=True)
         self.reals = RealImages(self.df, cfg.resolution, self.net_cfg.channels, cache=cfg.cache_images, workers=cap_workers(cfg.workers),
                                 seed=cfg.seed, rank=self.rank, world=self.world, show_progress=self.io and not self.quiet)
 
@@ -531,6 +593,14 @@ class _Run:
         bad = {k: (old.get(k), cfg.get(k)) for k in ARCH_KEYS if k in old and old.get(k) != cfg.get(k)}
         if bad: raise ValueError(f"{path}: cannot resume, the network settings differ (checkpoint, now): {bad}; "
                                  "start a new run (another --run name, or --resume none)")
+        was = old.get('train_split', 'all')                               # checkpoints from before the knob trained on all images
+        if was != self.cfg.train_split:
+            raise ValueError(f"{path}: cannot resume, it was trained on train_split={was!r} and this run asks for {self.cfg.train_split!r}; "
+                             f"set train_split={was!r} again, or start a new run (another --run name, or --resume none)")
+        sha = ((ck.get('meta') or {}).get('origin', {}).get('train_split') or {}).get('sha256')
+        if sha and sha != self.split['sha256']:
+            raise ValueError(f"{path}: cannot resume, the splits file {self.cfg.splits} changed since this checkpoint (sha256 {sha[:12]}…, now "
+                             f"{self.split['sha256'][:12]}…): the {was!r} split holds other images; restore that file or start a new run")
         return ck
 
     def resume(self):
@@ -642,11 +712,11 @@ class _Run:
             t0 = time.perf_counter()
             self.last_ckpt = save_train_checkpoint(self.ckpt_dir, self.net_cfg, self.G, self.D, self.G_ema, self.opt_G, self.opt_D,
                                                    dict(st, fixed_z=self.fixed_z), ns, self.cfg.to_dict(), keep=self.cfg.keep_checkpoints,
-                                                   scalers={k: v.state_dict() for k, v in self.scalers.items()}, precision=self.prec.label)
-            src = self.df.attrs.get('source')
-            write_provenance(self.last_ckpt, params=self.cfg.to_dict(), seed=self.cfg.seed, inputs=dict(metadata=src) if src else None,
+                                                   scalers={k: v.state_dict() for k, v in self.scalers.items()}, precision=self.prec.label,
+                                                   split=self.split)
+            write_provenance(self.last_ckpt, params=self.cfg.to_dict(), seed=self.cfg.seed, inputs=self._inputs(),
                              weights=None, extra=dict(kimg=st['images_shown'] / 1000, resolution=self.G.resolution, precision_used=self.prec.label,
-                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G'])))
+                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
             if self.cfg.max_outputs_gib:
                 root = outputs_dir(create=False)
                 root = root if self.ckpt_dir.resolve().is_relative_to(root.resolve()) else self.ckpt_dir.parent
@@ -654,6 +724,12 @@ class _Run:
                                  log=lambda m: print(m, flush=True))
             self.budget.save_took(time.perf_counter() - t0)
         return self.last_ckpt
+
+    def _inputs(self) -> dict | None:
+        "The provenance inputs of a model file: the metadata CSV and, when training on one split, the splits file."
+        src = self.df.attrs.get('source')
+        d = (dict(metadata=src) if src else {}) | (dict(splits=self.cfg.splits) if self.split['splits'] else {})
+        return d or None
 
     def samples(self, tag: str):
         "Sample grids of the EMA G and of G on the fixed latents (rank 0)."
@@ -726,15 +802,16 @@ class _Run:
         if self.io and not self.stopped:
             final = self.ckpt_dir / 'final.pt'
             save_pggan(final, self.net_cfg, G=self.G, D=self.D, G_ema=self.G_ema, alpha=float(self.G.alpha),
-                       meta=model_meta(self.net_cfg, self.G, st['images_shown'], self.ckpt_dir, self.cfg.data, precision=self.prec.label))
-            write_provenance(final, params=self.cfg.to_dict(), seed=self.cfg.seed, weights=None,
+                       meta=model_meta(self.net_cfg, self.G, st['images_shown'], self.ckpt_dir, self.cfg.data, precision=self.prec.label,
+                                       split=self.split))
+            write_provenance(final, params=self.cfg.to_dict(), seed=self.cfg.seed, weights=None, inputs=self._inputs(),
                              extra=dict(kimg=st['images_shown'] / 1000, images=len(self.df), precision_used=self.prec.label,
-                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G'])))
+                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
         lp = self.last_parts
         return dict(run=self.run, checkpoint_dir=str(self.ckpt_dir), sample_dir=str(self.sample_dir), final=str(final) if final else None,
                     last_checkpoint=str(self.last_ckpt) if self.last_ckpt else None, log_csv=str(self.log_csv),
                     images_shown=st['images_shown'], steps=st['step'], rank=self.rank, world=self.world, data=str(self.cfg.data),
-                    n_images=len(self.df), device=str(self.device), precision=self.step_fn.precision, stopped=self.stopped,
+                    n_images=len(self.df), train_split=self.split, device=str(self.device), precision=self.step_fn.precision, stopped=self.stopped,
                     skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), resume_hint=self.stop_message() if self.stopped else None,
                     last=None if lp is None else {k: float(v) for k, v in lp.items()})
 
@@ -771,7 +848,7 @@ def train(cfg: TrainConfig | dict, callbacks=(), quiet: bool = False) -> dict:
     return r.finish()
 
 # %% ../nbs/06_gan_train.ipynb #2f51aa21
-EDGE_FIELDS = ('data', 'metadata', 'checkpoint_dir', 'sample_dir')   # set by `train_config` from the dataset and the artifacts
+EDGE_FIELDS = ('data', 'metadata', 'checkpoint_dir', 'sample_dir', 'splits')   # set by `train_config` from the dataset and the artifacts
 
 def gan_knobs(n_figure: int = 64, **fields) -> dict:
     "A profile's 'gan' section: `TrainConfig(**fields)` without the edge fields, plus `n_figure`."
@@ -780,11 +857,15 @@ def gan_knobs(n_figure: int = 64, **fields) -> dict:
     return d | dict(n_figure=n_figure)
 
 _OURS = dict(precision='bf16', fade_reals=True, adam_eps=1e-8)   # the demo's named departures from the paper (see the README)
+# train_split: smoke and demo train on the 'train' split only, so notebook 14's held-out baseline (val) and Table 2's
+# test images (notebook 12) are images the GAN never saw; paper: 'all', as the authors' code, which trains on every
+# image under one folder (BradSegal/CXR_PGGAN PGGAN/configuration.py: directory = "./Images/"; PGGAN/network.py:
+# VariableImageFolder(self.directory), a torchvision ImageFolder with no split); the paper does not say otherwise.
 register_profile('gan',
-    smoke=gan_knobs(16, **_OURS, resolution=16, channels=1, latent_dim=32, fmap_base=128, fmap_max=32, kimg_stab=0.256, kimg_fade=0.256,
+    smoke=gan_knobs(16, **_OURS, train_split='train', resolution=16, channels=1, latent_dim=32, fmap_base=128, fmap_max=32, kimg_stab=0.256, kimg_fade=0.256,
                     kimg_last=0.512, batch_sizes=[8], ema_beta=0.99, workers=0, cache_images=True, cpu_threads=1,
                     checkpoint_kimg=0.5, keep_checkpoints=2, sample_kimg=0.5, log_every=4, n_samples=16),
-    demo=gan_knobs(64, **_OURS, resolution=32, channels=1, latent_dim=64, fmap_base=512, fmap_max=32, kimg_stab=6, kimg_fade=6,
+    demo=gan_knobs(64, **_OURS, train_split='train', resolution=32, channels=1, latent_dim=64, fmap_base=512, fmap_max=32, kimg_stab=6, kimg_fade=6,
                    kimg_last=30, batch_sizes=[32, 32, 32, 16], ema_beta=0.99, workers=0, cache_images=True,
                    checkpoint_kimg=6, keep_checkpoints=3, sample_kimg=4, log_every=10, n_samples=36),
     paper=gan_knobs(64));
@@ -795,6 +876,9 @@ def train_config(P: dict) -> TrainConfig:
     ds = resolve_dataset(P, images=True)
     cfg = TrainConfig.from_params(P)
     cfg.data, cfg.metadata = str(ds.folder), str(ds.metadata)
+    if cfg.train_split != 'all':                         # the shared split every notebook uses (experiment.dataset_splits)
+        cfg.splits = str(dataset_splits(ds, P['profile'], P['fractions'], P['split_seed'])[1])
+        check_train_split(cfg.splits, cfg.train_split)   # an unknown name fails here, before any folder is claimed
     if cfg.run is None:
         cfg.run = f"pggan_{P['profile']}"
         cfg.checkpoint_dir, cfg.sample_dir = str(artifact('gan_run', P['profile'])), str(artifact('gan_samples', P['profile']))

@@ -172,7 +172,8 @@ def test_corrupt_classifier_and_inception_weights(ws):
 
 TINY = ['--profile', 'smoke', '--set', 'resolution=8', '--set', 'latent_dim=8', '--set', 'fmap_base=16', '--set', 'fmap_max=8',
         '--set', 'kimg_stab=0.032', '--set', 'kimg_fade=0.032', '--set', 'kimg_last=0.064', '--set', 'checkpoint_kimg=0.016',
-        '--set', 'keep_checkpoints=20', '--set', 'sample_kimg=0', '--set', 'log_every=2', '--set', 'n_samples=4']
+        '--set', 'keep_checkpoints=20', '--set', 'sample_kimg=0', '--set', 'log_every=2', '--set', 'n_samples=4',
+        '--set', 'train_split=all']   # every image of the folder (the smoke profile's 'train' split would leave some unread)
 
 
 def test_train_resume_skips_a_corrupt_checkpoint_and_refuses_other_networks(ws):
@@ -511,3 +512,12 @@ def test_reid_checkpoint_for_another_resolution_and_release_checks(ws, tmp_path)
     assert r.returncode == 0 and (tmp_path / 'rel' / 'release.json').is_file(), r.stderr[-1500:]
     flags.write_text(flags.read_text().replace(',False,', ',True,', 1))             # someone "corrects" a flag by hand
     one_error(cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel2'), str(flags), 'changed after the audit')
+
+
+def test_train_unknown_train_split(ws):
+    "An unknown train_split names the knob, the value and the known splits, before any run folder is made."
+    w = ws['root']
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', 'badsplit', *TINY, '--set', 'train_split=tset'),
+              "train_split='tset'", 'no such split', 'known splits: test, train, val')
+    assert not (w / 'outputs' / 'checkpoints' / 'badsplit').exists()
+    assert '  train_split = "train" / "train" / "all"' in cli(w, 'train', '--help').stdout

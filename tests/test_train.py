@@ -36,7 +36,7 @@ def tiny(data, out, **kw):
     P.update(data=str(data), resolution=16, start_resolution=8, latent_dim=16, fmap_base=32, fmap_max=16, kimg_stab=0.032,
              kimg_fade=0.032, kimg_last=0.064, batch_sizes=[8], checkpoint_kimg=0.024, keep_checkpoints=10,
              sample_kimg=0.064, log_every=2, n_samples=4, checkpoint_dir=str(out / 'ckpt'), sample_dir=str(out / 'samples'),
-             run='test', device='cpu')
+             run='test', device='cpu', train_split='all')
     P.update(kw)
     return P
 
@@ -137,6 +137,39 @@ def test_resume_refuses_other_architecture(nih_folder, tmp_path):
     T.train(tiny(nih_folder, tmp_path, kimg_last=0.016), quiet=True)
     with pytest.raises(ValueError, match='cannot resume'):
         T.train(tiny(nih_folder, tmp_path, latent_dim=32), quiet=True)
+
+
+def test_train_split_reads_only_that_split_and_is_recorded(nih_folder, tmp_path):
+    "train_split='train': only the train split's images are read; model files record it; resuming with another split is refused."
+    import pandas as pd
+    sp = pd.DataFrame({'Image Index': [f'{i:08d}_000.png' for i in range(16)], 'Patient ID': range(16),
+                       'split': ['train'] * 10 + ['val'] * 3 + ['test'] * 3})
+    sp.to_csv(tmp_path / 'splits.csv', index=False)
+    sha = hashlib.sha256((tmp_path / 'splits.csv').read_bytes()).hexdigest()
+    P = tiny(nih_folder, tmp_path, kimg_last=0.016, train_split='train', splits=str(tmp_path / 'splits.csv'))
+    seen = []
+    orig = T.RealImages.__init__
+    def spy(self, df, *a, **k): seen.extend(df['path']); orig(self, df, *a, **k)
+    T.RealImages.__init__ = spy
+    try: res = T.train(P, quiet=True)
+    finally: T.RealImages.__init__ = orig
+    names = {Path(p).name for p in seen}
+    assert names == set(sp.loc[sp.split == 'train', 'Image Index']) and res['n_images'] == 10   # no val or test image read
+    rec = dict(name='train', splits=str(tmp_path / 'splits.csv'), sha256=sha, images=10)
+    assert res['train_split'] == rec
+    assert load_pretrained(res['final']).meta['origin']['train_split'] == rec                  # what archives and audits read
+    for f in (res['final'], str(T.latest_checkpoint(tmp_path / 'ckpt'))):
+        prov = json.loads(Path(f + '.provenance.json').read_text())
+        assert prov['train_split'] == rec and prov['params']['train_split'] == 'train'
+        assert prov['inputs']['splits']['sha256'] == sha
+    with pytest.raises(ValueError, match=r"cannot resume, it was trained on train_split='train' and this run asks for 'all'") as e:
+        T.train(dict(P, train_split='all', kimg_last=0.032), quiet=True)
+    assert '\n' not in str(e.value)
+    sp.assign(split=['train'] * 9 + ['val'] * 4 + ['test'] * 3).to_csv(tmp_path / 'splits.csv', index=False)   # the split file changed
+    with pytest.raises(ValueError, match=r"cannot resume, the splits file .*splits\.csv changed since this checkpoint"):
+        T.train(dict(P, kimg_last=0.032), quiet=True)
+    with pytest.raises(ValueError, match=r"train_split='tset': no such split .*known splits: test, train, val"):
+        T.train(dict(P, train_split='tset', run='other', checkpoint_dir=str(tmp_path / 'c2'), sample_dir=str(tmp_path / 's2')), quiet=True)
 
 
 DDP_SCRIPT = textwrap.dedent('''
