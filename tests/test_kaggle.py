@@ -182,7 +182,8 @@ def test_kaggle_layout_profile_budget_and_read_only_resume(kaggle, tmp_path, mon
     msg = capsys.readouterr().out
     assert out['stopped'] and out['final'] is None and Path(out['last_checkpoint']).is_file(), out
     assert 0 < out['images_shown'] < T.TrainConfig.from_params(P).schedule()[-1]['end_img']
-    assert 1.5 < took < 3 + 3.0, took            # used the budget, stopped at it (+ its last step and checkpoint; a loaded CI machine)
+    assert took > 1.5, took                      # it used the budget before stopping (the stop itself is asserted above, not timed:
+                                                 # a loaded CI machine may take longer for its last step and checkpoint)
     assert 'time budget 3s reached' in msg and 'resume_from=' in msg
     # session 2: that output attached read-only; continue from it into a new working folder
     attached = kaggle['root'] / 'input' / 'my-notebook-output'
