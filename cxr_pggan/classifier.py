@@ -8,7 +8,7 @@ import argparse, json, math, os, re, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_device, check_writable, file_sha256, parse_sets, payload_digest,
-                            progress, register_profile, resolve_precision, save_table, torch_load, write_provenance, seed_everything)
+                            progress, register_profile, resolve_precision, save_table, read_record, torch_load, write_provenance, seed_everything)
 from .data import LABELS
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 
@@ -260,12 +260,8 @@ def save_classifier(model: CXRClassifier, path: str | Path, **extra) -> Path:
 # %% ../nbs/07_classifier.ipynb #df542f8d
 def read_classifier_checkpoint(path: str | Path) -> dict:
     "The raw record of a classifier checkpoint, with a clear error for anything else."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"classifier checkpoint {path} does not exist; train one with `cxr-pggan train-classifier`")
-    rec = torch_load(path, 'classifier checkpoint')
-    if not isinstance(rec, dict) or rec.get('format') != CKPT_FORMAT:
-        got = rec.get('format') if isinstance(rec, dict) else type(rec).__name__
-        raise ValueError(f"{path}: format {got!r} is not {CKPT_FORMAT!r}; it was not written by cxr_pggan.classifier.save_classifier")
+    rec = read_record(path, CKPT_FORMAT, 'classifier checkpoint', 'cxr_pggan.classifier.save_classifier',
+                      'train one with `cxr-pggan train-classifier`')
     if rec['arch'] not in ARCHS: raise ValueError(f"{path}: unknown arch {rec['arch']!r}; known {sorted(ARCHS)}")
     return rec
 

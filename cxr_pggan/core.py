@@ -16,9 +16,9 @@ __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGL
            'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile', 'derive_profile',
            'profile_params', 'knob_names', 'section_params', 'clear_knobs', 'notebook_params', 'file_sha256',
            'git_state', 'package_versions', 'device_info', 'provenance', 'write_provenance', 'payload_digest',
-           'CorruptFileError', 'torch_load', 'save_table', 'Precision', 'resolve_precision', 'parse_duration',
-           'TimeBudget', 'dir_bytes', 'enforce_size_cap', 'write_bench_json', 'dist_env', 'progress', 'CLIParser',
-           'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
+           'CorruptFileError', 'torch_load', 'read_record', 'save_table', 'Precision', 'resolve_precision',
+           'parse_duration', 'TimeBudget', 'dir_bytes', 'enforce_size_cap', 'write_bench_json', 'dist_env', 'progress',
+           'CLIParser', 'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
@@ -423,6 +423,19 @@ def torch_load(path: str | Path, what: str = 'checkpoint', verify: bool = True, 
         want = obj.pop('payload_sha256')
         if payload_digest(obj) != want: raise bad('its content no longer matches the checksum written with it')
     return obj
+
+# %% ../nbs/00_core.ipynb #7f2fd25d
+def read_record(path: str | Path, fmt: str, what: str, writer: str, fix: str) -> dict:
+    """A record file of one of our formats (a dict whose `format` is `fmt`) read by `torch_load`. A missing file, or a
+    file of another format, is one line naming it, what it should be and `fix` (e.g. the command that makes one)."""
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{what} {path} does not exist; {fix}")
+    rec = torch_load(path, what)
+    if not isinstance(rec, dict) or rec.get('format') != fmt:
+        got = rec.get('format') if isinstance(rec, dict) else type(rec).__name__
+        a = 'an' if what[:1].lower() in 'aeiou' else 'a'
+        raise ValueError(f"{path}: format {got!r} is not {fmt!r}: it is not {a} {what} (not written by {writer}); {fix}")
+    return rec
 
 # %% ../nbs/00_core.ipynb #048ebf77
 def save_table(df, path: str | Path, note: str | None = None, floatfmt: str = '.4g', **prov) -> list[Path]:

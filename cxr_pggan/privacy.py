@@ -11,7 +11,7 @@ from PIL import Image
 import torch, torch.nn as nn, torch.nn.functional as F
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, check_writable, claim_folder,
                             file_sha256, payload_digest, positive_int, progress, register_profile, save_table, seed_everything,
-                            torch_load, write_provenance)
+                            read_record, write_provenance)
 from .experiment import ARTIFACTS, artifact, dataset_splits, find_artifact, resolve_dataset
 from .features import (ImageFiles, collate_images, default_device, image_paths, load_extractor, extract_features,
                                 resize_to, stored_size, weights_record)
@@ -344,11 +344,7 @@ def save_reid(model: ReidNet, path: str | Path, resolution: int, record: dict) -
 def load_reid(path: str | Path) -> tuple[ReidNet, dict]:
     "A re-identification checkpoint: the network (eval) and its record (resolution, training, held-out AUC and threshold)."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"--reid {path}: no such file; train one with `cxr-pggan train-reid`")
-    rec = torch_load(path, 're-identification checkpoint')
-    if not isinstance(rec, dict) or rec.get('format') != REID_FORMAT:
-        raise ValueError(f"--reid {path}: not a re-identification checkpoint (format {rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r}); "
-                         "train one with `cxr-pggan train-reid`")
+    rec = read_record(path, REID_FORMAT, 're-identification checkpoint', '`cxr-pggan train-reid`', 'train one with `cxr-pggan train-reid`')
     m = ReidNet(**rec['config']); m.load_state_dict(rec['state_dict'])
     return m.eval(), dict(resolution=rec['resolution'], path=str(path), sha256=file_sha256(path), **rec['record'])
 

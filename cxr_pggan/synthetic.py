@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, check_writable, claim_folder,
                             file_sha256, parse_sets, payload_digest, positive_int, progress, register_profile, save_table,
-                            seed_everything, torch_load, write_provenance, PRECISIONS, PROFILE_NAMES, resolve_precision)
+                            seed_everything, read_record, write_provenance, PRECISIONS, PROFILE_NAMES, resolve_precision)
 from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 from .pggan import as_image_generator, sample_z
@@ -74,13 +74,8 @@ def save_encoder(E: DiscriminatorClassifier, path, generator: dict, settings: di
 
 def read_encoder_checkpoint(path) -> dict:
     "The raw record of an encoder checkpoint, with a clear error for anything else."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"encoder checkpoint {path} does not exist; train one with `cxr-pggan train-encoder --generator G --out {path}`")
-    rec = torch_load(path, 'encoder checkpoint')
-    if not isinstance(rec, dict) or rec.get('format') != ENCODER_FORMAT:
-        got = rec.get('format') if isinstance(rec, dict) else type(rec).__name__
-        raise ValueError(f"{path}: format {got!r} is not {ENCODER_FORMAT!r}; it is not an encoder from `cxr-pggan train-encoder`")
-    return rec
+    return read_record(path, ENCODER_FORMAT, 'encoder checkpoint', '`cxr-pggan train-encoder`',
+                       f'train one with `cxr-pggan train-encoder --generator G --out {path}`')
 
 def check_encoder_fits(rec: dict, ident: dict, path, generator, allow_other_generator: bool = False):
     "Raise when the encoder record `rec` (file `path`) was trained for another generator than `ident` (file `generator`)."
