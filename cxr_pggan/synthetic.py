@@ -338,7 +338,8 @@ def order_sentence(t: pd.DataFrame, diffs: pd.DataFrame) -> str:
     holds = e < c < r
     d = {row.difference: row for row in diffs.itertuples()}
     sig = lambda k: 'its 95 % CI excludes 0' if d[k].excludes_zero else 'its 95 % CI includes 0'
-    return (f"Macro AUC: embedded {e:.3f}, class-generated {c:.3f}, real {r:.3f} (paper: 0.604, 0.878, 0.947). "
+    pe, pc, pr = (PAPER_TABLE2_MACRO[k] for k in MODELS)
+    return (f"Macro AUC: embedded {e:.3f}, class-generated {c:.3f}, real {r:.3f} (paper: {pe}, {pc}, {pr}). "
             f"The paper's order embedded < class-generated < real {'holds' if holds else 'does NOT hold'} here; "
             f"class_generated − embedded = {d['class_generated - embedded'].macro_auc_difference:+.3f} ({sig('class_generated - embedded')}), "
             f"real − class_generated = {d['real - class_generated'].macro_auc_difference:+.3f} ({sig('real - class_generated')}).")
