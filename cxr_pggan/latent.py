@@ -12,7 +12,7 @@ from .core import (CLIParser, atomic_path, atomic_write, progress, register_prof
                             seed_everything, write_bench_json)
 from .data import LABELS
 from .experiment import artifact, find_artifact
-from .pggan import ImageGenerator, as_image_generator, sample_z
+from .pggan import as_image_generator, sample_z
 
 # %% auto #0
 __all__ = ['class_index', 'class_targets', 'LatentResult', 'label_set', 'optimise_class', 'optimise_classes', 'convergence_table',

@@ -796,7 +796,7 @@ def resolve_study(value) -> Path:
 
 def generated_images(generator, n: int, profile: str, seed: int = 0) -> tuple[list, dict]:
     "`n` generated images for a study (`'random'`, `'auto'`, a checkpoint or a folder of images) and the weights they come from."
-    from cxr_pggan.features import CHECKPOINT_SUFFIXES, image_paths
+    from cxr_pggan.features import image_paths
     p = Path(str(generator))
     if generator not in ('random', 'auto') and p.is_dir():
         files = image_paths(p)
