@@ -17,7 +17,7 @@ __all__ = ['ARCHS', 'FORMAT', 'MAX_GENERATE', 'CONVERTED_KIND', 'depth_table', '
            'EqualizedLinear', 'pixel_norm', 'upsample2', 'MinibatchStd', 'Generator', 'Discriminator', 'PretrainedGAN',
            'save_pggan', 'UntrustedPickleError', 'load_pretrained', 'check_reference', 'to_unit', 'from_unit',
            'to_uint8', 'z_chunks', 'sample_z', 'ImageGenerator', 'as_image_generator', 'sample_images', 'generate',
-           'convert_weights', 'convert_weights_cli', 'generate_cli']
+           'origin_train_split', 'convert_weights', 'convert_weights_cli', 'generate_cli']
 
 # %% ../nbs/05_pggan.ipynb #703ca87e
 def depth_table(resolution: int = 1024, fmap_base: int = 8192, fmap_max: int = 512, fmap_min: int = 1) -> list[int]:
@@ -639,6 +639,13 @@ def generate(checkpoint, n: int, out, truncation: float | None = None, seed: int
 # %% ../nbs/05_pggan.ipynb #902e7c2f
 CONVERTED_KIND = 'converted GAN'   # the provenance kind of a `convert-weights` output
 
+def origin_train_split(origin: dict | None) -> dict | None:
+    """The training images a model file's `origin` records (`train.select_split`'s record: name, splits, sha256, images);
+    a file of `cxr_pggan.train` from before the record existed trained on every image ('all'); None when none is recorded."""
+    origin = origin or {}
+    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
+    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+
 def convert_weights(src, dst, trust_pickle: bool = False) -> dict:
     """Read any supported checkpoint and write its networks in our format (pickle-free) to `dst` (never over a file that
     is not an earlier `convert-weights` output). The converted file keeps what the source records of the GAN's training
@@ -646,8 +653,7 @@ def convert_weights(src, dst, trust_pickle: bool = False) -> dict:
     check_writable(dst, kind=CONVERTED_KIND)
     pre = load_pretrained(src, trust_pickle=trust_pickle)
     cfg = pre.config
-    from cxr_pggan.train import gan_training_split
-    seen = gan_training_split(dict(origin=pre.meta.get('origin')))             # what the source records of its training images
+    seen = origin_train_split(pre.meta.get('origin'))                         # what the source records of its training images
     meta = {**pre.meta, 'origin': dict(path=pre.meta['file']['path'], sha256=pre.meta['file']['sha256'],
                                        source_format=pre.meta['source_format'],
                                        train_split=seen if seen is not None else 'unknown: the source file records no training split')}

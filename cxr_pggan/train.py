@@ -302,9 +302,8 @@ def gan_training_split(generator) -> dict | None:
     if isinstance(generator, (str, Path)):
         from cxr_pggan.pggan import load_pretrained
         generator = dict(origin=load_pretrained(generator).meta.get('origin'))
-    origin = (generator or {}).get('origin') or {}
-    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
-    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+    from cxr_pggan.pggan import origin_train_split
+    return origin_train_split((generator or {}).get('origin'))
 
 def gan_saw_split(trained: dict | None, split: str, splits=None) -> tuple[bool | None, str]:
     """`(seen, sentence)`: whether a GAN trained on `trained` (`gan_training_split`) saw the images of the split `split`
@@ -755,7 +754,8 @@ class _Run:
                                                    split=self.split)
             write_provenance(self.last_ckpt, params=self.cfg.to_dict(), seed=self.cfg.seed, inputs=self._inputs(),
                              weights=None, extra=dict(kimg=st['images_shown'] / 1000, resolution=self.G.resolution, precision_used=self.prec.label,
-                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
+                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split),
+                             kind='training checkpoint')
             if self.cfg.max_outputs_gib:
                 root = outputs_dir(create=False)
                 root = root if self.ckpt_dir.resolve().is_relative_to(root.resolve()) else self.ckpt_dir.parent
@@ -845,7 +845,8 @@ class _Run:
                                        split=self.split))
             write_provenance(final, params=self.cfg.to_dict(), seed=self.cfg.seed, weights=None, inputs=self._inputs(),
                              extra=dict(kimg=st['images_shown'] / 1000, images=len(self.df), precision_used=self.prec.label,
-                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
+                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split),
+                             kind='GAN model')
         lp = self.last_parts
         return dict(run=self.run, checkpoint_dir=str(self.ckpt_dir), sample_dir=str(self.sample_dir), final=str(final) if final else None,
                     last_checkpoint=str(self.last_ckpt) if self.last_ckpt else None, log_csv=str(self.log_csv),
