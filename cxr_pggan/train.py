@@ -85,8 +85,8 @@ def _check_knobs(c) -> None:
     from cxr_pggan.pggan import ARCHS
     if c.arch not in ARCHS: raise _knob_error('arch', c.arch, f"must be one of {', '.join(ARCHS)}", d['arch'])
     if not number(c.adam_eps) or c.adam_eps <= 0: raise _knob_error('adam_eps', c.adam_eps, 'must be a number > 0', d['adam_eps'])
-    if not number(c.checkpoint_kimg) or c.checkpoint_kimg < 0.001:
-        raise _knob_error('checkpoint_kimg', c.checkpoint_kimg, 'must be >= 0.001 (one image)', d['checkpoint_kimg'])
+    if not number(c.checkpoint_kimg) or not (c.checkpoint_kimg == 0 or c.checkpoint_kimg >= 0.001):
+        raise _knob_error('checkpoint_kimg', c.checkpoint_kimg, 'must be 0 (only at phase ends) or >= 0.001 (one image)', d['checkpoint_kimg'])
     if not number(c.sample_kimg) or not (c.sample_kimg == 0 or c.sample_kimg >= 0.001):
         raise _knob_error('sample_kimg', c.sample_kimg, 'must be 0 (no periodic grids) or >= 0.001 (one image)', d['sample_kimg'])
     for k in ('lambda_gp', 'drift'):
