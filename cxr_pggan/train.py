@@ -1067,7 +1067,7 @@ def bench_gan_cli(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     res = bench_gan(a.resolutions, a.batch, a.iters, a.warmup, a.channels, a.precision, a.compile, check_device(a.device),
                     a.gen_batch, a.gen_iters, a.fmap_max, a.latent, checkpointing=dict(off=(False,), on=(True,), both=(False, True))[a.checkpointing])
-    from cxr_pggan.core import write_bench_json
+    from cxr_pggan.core import BENCH_KIND, write_bench_json
     res = write_bench_json(res, a.json)
     print(f"device: {res['device_name']} ({res['precision']}, channels_last={res['channels_last']}, compile={res['compile']})")
     print(f"{'res':>6} {'batch':>6} {'ckpt':>5} {'train img/s':>12} {'step ms':>9} {'peak GiB':>9} {'saved MiB':>10}")
@@ -1077,5 +1077,5 @@ def bench_gan_cli(argv: list[str]) -> int:
         pm = f"{r['peak_mem_gib']:.2f}" if r['peak_mem_gib'] is not None else '-'
         print(f"{r['resolution']:>6} {r['batch']:>6} {ck:>5} {r['train_img_per_s']:>12.1f} {r['step_ms']:>9.1f} {pm:>9} {r['saved_activations_mib']:>10.1f}")
     g = res['generate']; print(f"generator (EMA) at {g['resolution']}², batch {g['batch']}: {g['img_per_s']:.1f} img/s")
-    if a.json: write_provenance(a.json, params=vars(a), weights=None)
+    if a.json: write_provenance(a.json, params=vars(a), weights=None, kind=BENCH_KIND)
     return 0
