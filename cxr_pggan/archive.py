@@ -17,7 +17,7 @@ from .pggan import as_image_generator
 # %% auto #0
 __all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'canonical',
            'reference_combos', 'choose_target', 'final_labels', 'make_patient', 'archive_rows', 'prevalence_table',
-           'plan_conflicts', 'build_archive', 'finalise_archive', 'archive_cli']
+           'plan_conflicts', 'ArchiveConvergenceError', 'build_archive', 'finalise_archive', 'archive_cli']
 
 # %% ../nbs/11_archive.ipynb #970a1b80
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -196,6 +196,9 @@ def plan_conflicts(out: str | Path, n: int, seed: int, generator_sha256: str | N
     return {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
 
 # %% ../nbs/11_archive.ipynb #4a8ae1cd
+class ArchiveConvergenceError(ValueError):
+    "No target label set can be reached with this generator and classifier (the message says which, after how much work, and what to change)."
+
 def build_archive(generator, classifier, n: int, out: str | Path, reference: str | Path | pd.Series | None = None,
                   tolerance: float = 0.05, images_per_patient=(3, 6), sigma: float = 0.2, steps: int = 100, lr: float = 0.05,
                   candidates: int = 4, max_attempts: int = 5, jitter: bool = False, seed: int = 0, device=None,
@@ -277,7 +280,11 @@ def build_archive(generator, classifier, n: int, out: str | Path, reference: str
             for r in records.values(): add(r)
         while True:
             allowed = [l for l in (combos if exclusive else LABELS) if l not in dropped]
-            if not allowed: raise RuntimeError("no class converges with this generator and classifier; raise --steps or --lr")
+            if not allowed: raise ArchiveConvergenceError(
+                f"no target converges with this generator and classifier: {', '.join(sorted(dropped))} each failed {max_attempts} "
+                f"attempt(s) of {candidates} candidate latent(s) x {steps} step(s) (lr {lr}) without reaching the classifier's thresholds; "
+                "raise --steps, --lr, --candidates or --max-attempts, or use a trained classifier (`cxr-pggan train-classifier`) and "
+                "generator whose images reach its thresholds")
             cls = choose_target(prev, counts, n_done, ks[pid], allowed) if exclusive else choose_class(prev, counts, n_done, ks[pid], allowed)
             rec = make_patient(G, clf, out, pid, ks[pid], cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device,
                                gap=(lambda labs: label_gap(prev, counts, n_done, labs)) if match_reference else None,

@@ -14,9 +14,9 @@ from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 
 # %% auto #0
 __all__ = ['DENSENET_FILE', 'DENSENET_ENV', 'DENSENET_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_CI_CASES', 'CKPT_FORMAT',
-           'ARCHS', 'find_densenet_weights', 'load_densenet_features', 'CXRClassifier', 'DenseNetClassifier',
-           'densenet_classifier', 'DiscriminatorClassifier', 'discriminator_classifier', 'bce_class_weights',
-           'WeightedBCE', 'roc_auc_table', 'macro_auc', 'youden_thresholds', 'save_classifier',
+           'ARCHS', 'CLASSIFIER_KIND', 'AUC_KIND', 'find_densenet_weights', 'load_densenet_features', 'CXRClassifier',
+           'DenseNetClassifier', 'densenet_classifier', 'DiscriminatorClassifier', 'discriminator_classifier',
+           'bce_class_weights', 'WeightedBCE', 'roc_auc_table', 'macro_auc', 'youden_thresholds', 'save_classifier',
            'read_classifier_checkpoint', 'load_classifier', 'classifier_provenance', 'predict_logits',
            'train_classifier', 'fit_classifier', 'restrict_to_list', 'classifier_frame', 'transfer_frame',
            'check_patient_column', 'transfer_cli_frame', 'train_classifier_cli']
@@ -357,14 +357,21 @@ def _toy_frame(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> pd.Dat
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_classifier.ipynb #656a0df0
+CLASSIFIER_KIND, AUC_KIND = 'classifier', 'classifier AUC table'   # provenance kinds of `train-classifier --out` and its .auc.csv
+
+def _is_classifier_file(path) -> bool:
+    "A classifier checkpoint written before provenance recorded kinds (its own format field says so)."
+    try: return read_record(path, CKPT_FORMAT, 'classifier checkpoint', 'cxr-pggan train-classifier', '') is not None
+    except (OSError, ValueError): return False
+
 def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121', input_size: int = 224,
                    weights: str | Path | None = None, discriminator: str | Path | None = None, epochs: int = 20,
                    batch_size: int = 16, lr: float = 1e-3, lr_patience: int = 1, patience: int = 3,
                    max_steps: int | None = None, n_boot: int = 1000, device=None, num_workers: int = 0,
                    seed: int = 0, inputs: dict | None = None, log=print, precision: str = 'fp32') -> dict:
     "Train on `df[split=='train']`, threshold on 'val', evaluate on 'test'; write the checkpoint `out` and its provenance."
-    from cxr_pggan.data import CXRDataset
-    check_writable(out); num_workers = cap_workers(num_workers)
+    from cxr_pggan.data import CXRDataset, check_image_sizes
+    check_writable(out, kind=CLASSIFIER_KIND, adopt=_is_classifier_file); num_workers = cap_workers(num_workers)
     if 'split' not in df.columns: raise KeyError("fit_classifier needs a 'split' column (train/val/test); see cxr_pggan.data.load_splits / patient_split")
     parts = {s: df[df['split'] == s] for s in ('train', 'val', 'test')}
     empty = [s for s, d in parts.items() if len(d) == 0]
@@ -375,6 +382,7 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
         if discriminator is None: raise ValueError("arch='discriminator' needs `discriminator=`: a trained GAN checkpoint")
         model = discriminator_classifier(discriminator, LABELS)
     else: raise ValueError(f"unknown arch {arch!r}; choose 'densenet121' or 'discriminator'")
+    check_image_sizes(df['path'], model.input_size, f"the classifier's images ({model.input_size}² input)")
     ch = 1
     res = train_classifier(model, CXRDataset(parts['train'], model.input_size, ch, augment=True), CXRDataset(parts['val'], model.input_size, ch),
                            epochs=epochs, batch_size=batch_size, lr=lr, lr_patience=lr_patience, patience=patience,
@@ -390,7 +398,7 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
     save_classifier(res['model'].cpu(), out, params=params, summary=summary)
     write_provenance(out, params=params, seed=seed, inputs=inputs,
                      weights={'init': model.init_weights or 'none: random initialisation (no ImageNet weights found)'},
-                     extra=dict(summary=summary))
+                     extra=dict(summary=summary), kind=CLASSIFIER_KIND)
     return dict(model=res['model'], checkpoint=Path(out), auc=table, **summary)
 
 # %% ../nbs/07_classifier.ipynb #e5689e05
@@ -525,7 +533,7 @@ def train_classifier_cli(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     check_device(a.device)
     P = section_params(a.profile, 'dataset', 'classifier', dataset=a.data, metadata=a.metadata, image_list=a.image_list, **parse_sets(a.set))
-    for f in (Path(a.out), Path(a.out).with_suffix('.auc.csv')): check_writable(f)
+    check_writable(a.out, kind=CLASSIFIER_KIND, adopt=_is_classifier_file); check_writable(Path(a.out).with_suffix('.auc.csv'), kind=AUC_KIND, adopt=lambda _: _is_classifier_file(a.out))
     if a.arch == 'discriminator' and not a.discriminator: raise ValueError("--arch discriminator needs --discriminator GAN_CHECKPOINT (a checkpoint with D)")
     if a.test_data:
         df, inputs = transfer_cli_frame(a, P)
@@ -538,7 +546,7 @@ def train_classifier_cli(argv: list[str]) -> int:
                        precision=P['precision'])
     csv = Path(a.out).with_suffix('.auc.csv')
     with atomic_path(csv) as tmp: r['auc'].to_csv(tmp, index=False)
-    write_provenance(csv, params=P | vars(a), seed=P['seed'], inputs=inputs | {'classifier': a.out}, weights=classifier_provenance(a.out))
+    write_provenance(csv, params=P | vars(a), seed=P['seed'], inputs=inputs | {'classifier': a.out}, weights=classifier_provenance(a.out), kind=AUC_KIND)
     print(r['auc'].to_string(index=False, float_format='%.3f'))
     print(f"checkpoint: {a.out}  (init weights: {(r['model'].init_weights or {}).get('path', 'none: random initialisation')})")
     return 0

@@ -86,6 +86,9 @@ def bench_cli(argv: list[str]) -> int:
     if not argv or argv[0] in ('-h', '--help') or argv[0] not in BENCHES:
         print(f"usage: cxr-pggan bench {{{','.join(BENCHES)}}} [options] [--json FILE]", file=sys.stderr if argv and argv[0] not in ('-h', '--help') else sys.stdout)
         return 0 if argv and argv[0] in ('-h', '--help') else 2
+    if '--json' in argv[1:-1]:                     # the one rule for single output files, checked before the benchmark runs
+        from cxr_pggan.core import BENCH_KIND, check_writable
+        check_writable(argv[argv.index('--json') + 1], kind=BENCH_KIND)
     return int(_resolve(BENCHES[argv[0]])(argv[1:]) or 0)
 
 # %% ../nbs/03_cli.ipynb #e3a6678c

@@ -11,14 +11,14 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGLE_KNOBS', 'PROFILE_NAMES', 'PRECISIONS',
-           'repo_root', 'on_kaggle', 'kaggle_dirs', 'outputs_dir', 'data_dir', 'shared_dir', 'atomic_path',
-           'atomic_write', 'OutputExistsError', 'claim_folder', 'foreign_files', 'is_foreign', 'check_writable',
-           'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile', 'derive_profile',
-           'profile_params', 'knob_names', 'section_params', 'clear_knobs', 'notebook_params', 'file_sha256',
-           'git_state', 'package_versions', 'device_info', 'provenance', 'write_provenance', 'payload_digest',
-           'CorruptFileError', 'torch_load', 'read_record', 'save_table', 'Precision', 'resolve_precision',
-           'parse_duration', 'TimeBudget', 'dir_bytes', 'enforce_size_cap', 'write_bench_json', 'dist_env', 'progress',
-           'CLIParser', 'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
+           'BENCH_KIND', 'repo_root', 'on_kaggle', 'kaggle_dirs', 'outputs_dir', 'data_dir', 'shared_dir',
+           'atomic_path', 'atomic_write', 'OutputExistsError', 'claim_folder', 'foreign_files', 'is_foreign',
+           'check_writable', 'check_all_writable', 'remove_owned', 'seed_everything', 'register_profile',
+           'derive_profile', 'profile_params', 'knob_names', 'section_params', 'clear_knobs', 'notebook_params',
+           'file_sha256', 'git_state', 'package_versions', 'device_info', 'provenance', 'write_provenance',
+           'payload_digest', 'CorruptFileError', 'torch_load', 'read_record', 'save_table', 'Precision',
+           'resolve_precision', 'parse_duration', 'TimeBudget', 'dir_bytes', 'enforce_size_cap', 'write_bench_json',
+           'dist_env', 'progress', 'CLIParser', 'positive_int', 'check_device', 'cap_workers', 'parse_sets', 'one_line']
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
@@ -145,7 +145,12 @@ def is_foreign(folder: str | Path, path: str | Path) -> bool:
     return Path(path).resolve() in foreign_files(folder)
 
 # %% ../nbs/00_core.ipynb #6f9a1d49
-def _writable(path: Path, foreign: frozenset | None) -> Path:
+def _provenance_kind(path: Path):
+    "The `kind` that `path`'s provenance record names (None when it names none or cannot be read)."
+    try: return json.loads(path.with_name(path.name + '.provenance.json').read_text()).get('kind')
+    except (OSError, json.JSONDecodeError, AttributeError): return None
+
+def _writable(path: Path, foreign: frozenset | None, kind: str | None = None, adopt=None) -> Path:
     if not path.exists(): return path
     if foreign is not None:
         if path.resolve() in foreign:
@@ -156,12 +161,19 @@ def _writable(path: Path, foreign: frozenset | None) -> Path:
     if not path.with_name(path.name + '.provenance.json').is_file():
         raise OutputExistsError(f"{path} exists and was not written by cxr-pggan (no {path.name}.provenance.json beside it); "
                                 "remove it yourself or choose another path")
+    if kind is not None:
+        got = _provenance_kind(path)
+        if got == kind or (got is None and adopt is not None and adopt(path)): return path
+        was = f"as a {got}" if got else "as another kind of output (its provenance names no kind)"
+        raise OutputExistsError(f"{path} was written by cxr-pggan {was}, not as a {kind}; it is not replaced: "
+                                "choose another path (or remove it yourself)")
     return path
 
-def check_writable(path: str | Path, folder: str | Path | None = None) -> Path:
-    """Refuse to write `path` when it exists and is not ours: a file recorded as foreign in `folder`'s mark,
-    or (no `folder`) a file without its `.provenance.json` beside it."""
-    return _writable(Path(path), None if folder is None else foreign_files(folder))
+def check_writable(path: str | Path, folder: str | Path | None = None, kind: str | None = None, adopt=None) -> Path:
+    """Refuse to write `path` when it exists and is not ours: a file recorded as foreign in `folder`'s mark; or (no
+    `folder`, a single output file) a file without its `.provenance.json`, or, with `kind`, one whose record names
+    another kind or none (`adopt(path)` True: a file of this kind from before kinds were recorded)."""
+    return _writable(Path(path), None if folder is None else foreign_files(folder), kind, adopt)
 
 def check_all_writable(paths, folder: str | Path | None = None) -> list[Path]:
     "`check_writable` for many paths, reading `folder`'s mark once."
@@ -372,10 +384,13 @@ def provenance(params: dict | None = None, seed: int | None = None, inputs: dict
 
 # %% ../nbs/00_core.ipynb #0e63943a
 def write_provenance(artifact: str | Path, params: dict | None = None, seed: int | None = None,
-                     inputs: dict | None = None, weights: dict | None = None, extra: dict | None = None) -> Path:
-    "Write `<artifact>.provenance.json` beside `artifact` (atomically) and return its path."
+                     inputs: dict | None = None, weights: dict | None = None, extra: dict | None = None,
+                     kind: str | None = None) -> Path:
+    """Write `<artifact>.provenance.json` beside `artifact` (atomically) and return its path. `kind`: what kind of output
+    the file is (e.g. 'fid result'); `check_writable(path, kind=...)` replaces a single output file only of its own kind."""
     artifact = Path(artifact)
     rec = provenance(params, seed, inputs, weights, extra)
+    if kind: rec['kind'] = kind
     rec['artifact'] = dict(path=str(artifact), sha256=file_sha256(artifact) if artifact.is_file() else None)
     return atomic_write(artifact.with_name(artifact.name + '.provenance.json'), json.dumps(rec, indent=1))
 
@@ -438,13 +453,13 @@ def read_record(path: str | Path, fmt: str, what: str, writer: str, fix: str) ->
     return rec
 
 # %% ../nbs/00_core.ipynb #048ebf77
-def save_table(df, path: str | Path, note: str | None = None, floatfmt: str = '.4g', **prov) -> list[Path]:
-    "Write `df` as CSV at `path` and as markdown beside it (with `note` above the table), each with its provenance record."
+def save_table(df, path: str | Path, note: str | None = None, floatfmt: str = '.4g', kind: str = 'table', **prov) -> list[Path]:
+    "Write `df` as CSV at `path` and as markdown beside it (with `note` above the table), each with its provenance record (of `kind`)."
     path = Path(path)
     with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
     md = path.with_suffix('.md')
     atomic_write(md, (f'> **{note}**\n\n' if note else '') + df.to_markdown(index=False, floatfmt=floatfmt) + '\n')
-    for f in (path, md): write_provenance(f, extra=dict(note=note) if note else None, **prov)
+    for f in (path, md): write_provenance(f, extra=dict(note=note) if note else None, kind=kind, **prov)
     return [path, md]
 
 # %% ../nbs/00_core.ipynb #215fc21d
@@ -560,14 +575,16 @@ def enforce_size_cap(root: str | Path, cap_gib: float | None, candidates, writer
     return gone
 
 # %% ../nbs/00_core.ipynb #95bf4202
+BENCH_KIND = 'benchmark record'     # the provenance kind of every `bench ... --json` file
+
 def write_bench_json(record: dict, path: str | Path | None) -> dict:
     "Print a benchmark record and, when `path` is given, write it as JSON (atomically) with device, package versions and commit."
     record = dict(record, device=device_info(), packages=package_versions(), git=git_state(),
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
     print(json.dumps(record, indent=1, default=str))
     if path:
-        check_writable(path)
-        atomic_write(path, json.dumps(record, indent=1, default=str)); write_provenance(path, params=record.get('params'))
+        check_writable(path, kind=BENCH_KIND)
+        atomic_write(path, json.dumps(record, indent=1, default=str)); write_provenance(path, params=record.get('params'), kind=BENCH_KIND)
     return record
 
 # %% ../nbs/00_core.ipynb #bca3b11e

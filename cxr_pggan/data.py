@@ -11,13 +11,13 @@ from .core import (CLIParser, atomic_path, atomic_write, data_dir, file_sha256, 
                             profile_params, write_provenance, seed_everything, shared_dir)
 
 # %% auto #0
-__all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'OFFICIAL_LISTS', 'SPLIT_COLUMNS', 'MetadataError',
-           'default_metadata_path', 'parse_labels', 'load_metadata', 'label_matrix', 'MissingImagesError',
-           'index_images', 'find_images', 'metadata_in', 'load_folder', 'ImageDecodeError', 'read_image',
-           'paper_augment', 'CXRDataset', 'valid_fractions', 'patient_counts', 'refine_split', 'patient_split',
-           'split_report', 'max_prevalence_drift', 'empty_positives', 'read_image_list', 'official_lists',
-           'official_split', 'write_splits', 'load_splits', 'prevalence_table', 'plot_prevalence', 'split_cli',
-           'bench_split_cli']
+__all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'MIN_IMAGE_SIDE', 'MAX_UPSAMPLE', 'OFFICIAL_LISTS',
+           'SPLIT_COLUMNS', 'MetadataError', 'default_metadata_path', 'parse_labels', 'load_metadata', 'label_matrix',
+           'MissingImagesError', 'index_images', 'find_images', 'metadata_in', 'load_folder', 'ImageDecodeError',
+           'ImageTooSmallError', 'read_image', 'paper_augment', 'CXRDataset', 'image_sizes', 'check_image_sizes',
+           'valid_fractions', 'patient_counts', 'refine_split', 'patient_split', 'split_report', 'max_prevalence_drift',
+           'empty_positives', 'read_image_list', 'official_lists', 'official_split', 'write_splits', 'load_splits',
+           'prevalence_table', 'plot_prevalence', 'split_cli', 'bench_split_cli']
 
 # %% ../nbs/01_data.ipynb #6f87cf9d
 FINDINGS = ['Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
@@ -184,6 +184,12 @@ def load_folder(folder: str | Path, metadata: str | Path | None = None, on_missi
 class ImageDecodeError(OSError):
     "An image file that cannot be decoded (truncated, corrupt, not an image)."
 
+class ImageTooSmallError(ValueError):
+    "An image too small to be a radiograph (fewer than `MIN_IMAGE_SIDE` pixels on a side)."
+
+MIN_IMAGE_SIDE = 8        # px: a smaller image (a 1×1 placeholder, a thumbnail icon) is refused wherever it is read
+MAX_UPSAMPLE = 4.0        # images upsampled by more than this to the requested resolution are named in one warning
+
 # %% ../nbs/01_data.ipynb #83f159ff
 _COLOUR = ('RGBA', 'LA', 'P', 'PA', 'CMYK', 'YCbCr', 'RGB')
 _WARNED_12BIT: set = set()
@@ -196,12 +202,18 @@ def _warn_12bit(path):
         warnings.warn(f"{path}: 16-bit PNG whose values stop at 4095 (12-bit data): scaled by 1/4095 instead of 1/65535 "
                       "(else it would read 16x too dark); so is every such file in this folder", stacklevel=3)
 
+def _too_small(path, size) -> str:
+    return (f"{path}: a {size[0]}×{size[1]} image, smaller than {MIN_IMAGE_SIDE} px on a side, is not a usable radiograph; "
+            "remove it from the image set (or replace it with the real image)")
+
 def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
-    "Decode an image file to float32 in [0, 1]: (H, W) grey, or (H, W, 3) for a colour file with `keep_rgb`."
+    """Decode an image file to float32 in [0, 1]: (H, W) grey, or (H, W, 3) for a colour file with `keep_rgb`. An image
+    smaller than `MIN_IMAGE_SIDE` px on a side is refused (`ImageTooSmallError`, naming the file)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
+            if min(im.size) < MIN_IMAGE_SIDE: raise ImageTooSmallError(_too_small(path, im.size))
             mode = im.mode
             if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'I;16N'):
                 a = np.asarray(im, dtype=np.float32)
@@ -214,7 +226,7 @@ def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
             if keep_rgb and mode in _COLOUR and mode not in ('LA',): return np.asarray(im.convert('RGB'), dtype=np.float32) / 255.0
             if mode != 'L': im = im.convert('RGB').convert('L') if mode in _COLOUR else im.convert('L')
             return np.asarray(im, dtype=np.float32) / 255.0
-    except FileNotFoundError: raise
+    except (FileNotFoundError, ImageTooSmallError): raise
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt — re-download or remove it") from e
 
@@ -251,6 +263,35 @@ class CXRDataset(Dataset):
         if self.tf is not None: x = self.tf(x).clamp(0, 1)
         if self.channels == 3: x = x.expand(3, -1, -1).contiguous()
         return x, self.y[i]
+
+# %% ../nbs/01_data.ipynb #cf5a81b7
+def image_sizes(paths) -> list[tuple[int, int]]:
+    "(width, height) of each image file, read from its header only (nothing is decoded)."
+    from PIL import Image
+    out = []
+    for p in progress(paths, desc='image sizes', unit='img', disable=len(paths) < 2000 or None):
+        try:
+            with Image.open(p) as im: out.append(im.size)
+        except FileNotFoundError: raise
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageDecodeError(f"{p}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt — re-download or remove it") from e
+    return out
+
+def check_image_sizes(paths, resolution: int, what: str = 'the image set') -> list[str]:
+    """Refuse (`ImageTooSmallError`, naming them) images smaller than `MIN_IMAGE_SIDE` px on a side; warn once, naming
+    them, about images upsampled more than `MAX_UPSAMPLE`× to `resolution`². Returns the names of the upsampled ones."""
+    paths = [str(p) for p in paths]
+    sizes = image_sizes(paths)
+    tiny = [(p, s) for p, s in zip(paths, sizes) if min(s) < MIN_IMAGE_SIDE]
+    if tiny:
+        more = f" (and {len(tiny) - 1} more such image(s))" if len(tiny) > 1 else ''
+        raise ImageTooSmallError(_too_small(*tiny[0]) + more)
+    up = [Path(p).name for p, s in zip(paths, sizes) if resolution > MAX_UPSAMPLE * min(s)]
+    if up:
+        warnings.warn(f"{what}: {len(up)} image(s) smaller than {resolution / MAX_UPSAMPLE:g} px on a side are upsampled more than "
+                      f"{MAX_UPSAMPLE:g}x to {resolution}²: {', '.join(up[:5])}{' ...' if len(up) > 5 else ''}; they will be mostly blur "
+                      "(use larger images or a lower resolution)", stacklevel=2)
+    return up
 
 # %% ../nbs/01_data.ipynb #e01c5985
 def valid_fractions(fractions) -> bool:
@@ -467,7 +508,7 @@ def split_cli(argv: list[str]) -> int:
     ap = CLIParser(prog='cxr-pggan split', description='Patient-level iterative-stratified splits of NIH-style metadata -> DIR/splits.csv')
     ap.add_argument('--metadata', help='Data_Entry CSV (2017, v2020 or Kaggle layout); default: the NIH v2020 table shipped in torchxrayvision')
     ap.add_argument('--out', required=True, help='output folder for splits.csv, split_report.csv and provenance')
-    ap.add_argument('--fractions', type=float, nargs='+', default=[0.7, 0.1, 0.2], help='split fractions (default 0.7 0.1 0.2 = train val test)')
+    ap.add_argument('--fractions', type=float, nargs='+', help='split fractions (default 0.7 0.1 0.2 = train val test; not with --halves)')
     ap.add_argument('--names', nargs='+', help='split names (default train/val/test, or train/test for two)')
     ap.add_argument('--halves', action='store_true', help="two stratified halves 'half_1'/'half_2' (the FID zero measure)")
     ap.add_argument('--seed', type=int, default=0)
@@ -476,6 +517,9 @@ def split_cli(argv: list[str]) -> int:
                     "train_val_list.txt is split into train/val by patient; the lists are read from DIR (default: the folder of --metadata)")
     a = ap.parse_args(argv)
     from cxr_pggan.core import claim_folder, check_all_writable
+    if a.halves and a.fractions is not None:
+        raise ValueError(f"--halves and --fractions {' '.join(map(str, a.fractions))}: --halves makes two 50/50 halves; give one of the two options")
+    a.fractions = a.fractions or [0.7, 0.1, 0.2]
     if not a.halves and not valid_fractions(a.fractions):
         raise ValueError(f"--fractions {' '.join(map(str, a.fractions))}: give two or more positive numbers that sum to 1, e.g. 0.7 0.1 0.2")
     if a.official is not None and a.halves: raise ValueError("--official and --halves: choose one")

@@ -12,7 +12,8 @@ import os
 from .core import data_dir, file_sha256, kaggle_dirs, on_kaggle, outputs_dir, register_profile
 
 # %% auto #0
-__all__ = ['ARTIFACTS', 'Dataset', 'find_kaggle_nih', 'resolve_dataset', 'artifact', 'find_artifact', 'dataset_splits']
+__all__ = ['ARTIFACTS', 'Dataset', 'find_kaggle_nih', 'resolve_dataset', 'artifact', 'find_artifact', 'splits_name',
+           'dataset_splits']
 
 # %% ../nbs/02a_experiment.ipynb #e8c88b04
 register_profile('dataset',
@@ -173,6 +174,13 @@ def _splits_fit(path: Path, ds: Dataset, fractions, seed: int, split: str = 'ran
     names = pd.read_csv(path, usecols=['Image Index'], dtype=str)['Image Index']
     return bool(ds.frame['Image Index'].isin(set(names)).all())
 
+def splits_name(ds: Dataset) -> str:
+    """The name of `ds`'s shared splits artifact: 'phantom' and 'nih' as they are; a folder's name plus a short hash of its
+    resolved metadata path (`cohort-1a2b3c4d`), so two folders of one name never share, and overwrite, one splits file."""
+    import hashlib
+    if ds.kind in ('phantom', 'nih'): return ds.name
+    return f"{ds.name}-{hashlib.sha256(str(Path(ds.metadata).resolve()).encode()).hexdigest()[:8]}"
+
 def dataset_splits(ds: Dataset, profile: str, fractions=(0.7, 0.1, 0.2), seed: int = 0, split: str | None = None) -> tuple[pd.DataFrame, Path]:
     """`(frame with a 'split' column, splits.csv)` of `ds`: the `splits` artifact when it fits, else made (and written) now.
     The split is always made on every row of the metadata file, also when some images are missing, so a notebook that
@@ -180,7 +188,7 @@ def dataset_splits(ds: Dataset, profile: str, fractions=(0.7, 0.1, 0.2), seed: i
     'official'; default: the dataset's `split` knob): 'official' takes NIH's lists from beside the metadata."""
     from cxr_pggan import data as D
     split = split or ds.split
-    path = artifact('splits', profile, ds.name)
+    path = artifact('splits', profile, splits_name(ds))
     if not _splits_fit(path, ds, fractions, seed, split):
         official = D.official_lists(Path(ds.metadata).parent) if split == 'official' else None
         full = D.load_metadata(ds.metadata) if ds.has_images else ds.frame

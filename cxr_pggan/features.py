@@ -13,7 +13,7 @@ from .data import read_image
 
 # %% auto #0
 __all__ = ['FID_WEIGHTS_FILE', 'FID_WEIGHTS_SHA256_PREFIX', 'WEIGHTS_ENV', 'RANDOM_WEIGHTS_LABEL', 'INCEPTION_CONVENTION',
-           'IMAGE_EXTENSIONS', 'CHECKPOINT_SUFFIXES', 'SPLIT_FILE_COLUMNS', 'hub_weights_path',
+           'IMAGE_EXTENSIONS', 'CACHE_FORMAT', 'CHECKPOINT_SUFFIXES', 'SPLIT_FILE_COLUMNS', 'hub_weights_path',
            'missing_weights_message', 'find_inception_weights', 'random_inception_state_dict', 'inception_preprocess',
            'FIDInception', 'fid_inception', 'image_tensor', 'ImageFiles', 'collate_images', 'no_tf32', 'extractor_id',
            'FeatureCache', 'default_device', 'extract_features', 'resize_to', 'ClassifierFeatures',
@@ -198,39 +198,41 @@ def extractor_id(extractor) -> str:
     return f"{m['features']}|{m['weights_sha256']}|{m.get('convention', '')}"
 
 # %% ../nbs/07a_features.ipynb #b3f0f6cd
-def _stamp(p: str) -> tuple[int, int]:
-    st = os.stat(p); return st.st_size, st.st_mtime_ns
+CACHE_FORMAT = 'sha256'   # rows keyed on the sha256 of each file's bytes (an older cache keyed on size and mtime is rebuilt)
 
 class FeatureCache:
-    "Per-image features of one extractor in an `.npz` (keys: resolved path; stamps: size, mtime_ns)."
+    """Per-image features of one extractor in an `.npz`, keyed on the sha256 of each image file's bytes: an image replaced
+    by another one (even of the same size and mtime) is recomputed, and a copy or a move of the same file is found."""
     def __init__(self, path: str | Path, ident: str):
-        self.path, self.ident, self.rows = Path(path), ident, {}
+        self.path, self.ident, self.rows, self._digests = Path(path), ident, {}, {}
         if self.path.is_file():
             with np.load(self.path, allow_pickle=False) as z:
                 if str(z['ident']) != ident:
                     warnings.warn(f"feature cache {self.path} belongs to another extractor ({str(z['ident'])[:60]}...); it will be replaced", stacklevel=2)
-                else:
-                    for k, s, f in zip(z['keys'].tolist(), z['stamps'], z['features']): self.rows[k] = (tuple(int(v) for v in s), f)
+                elif 'format' in z and str(z['format']) == CACHE_FORMAT:
+                    for k, f in zip(z['keys'].tolist(), z['features']): self.rows[k] = f
     def __len__(self): return len(self.rows)
+    def digest(self, p) -> str:
+        "sha256 of the bytes of the file `p` (reading it is cheap next to decoding it and running the network)."
+        d = file_sha256(p); self._digests[str(p)] = d; return d
     def lookup(self, paths) -> tuple[np.ndarray | None, list[int]]:
         "Features of the cached `paths` (rows of the missing ones undefined) and the indices of the missing ones."
-        keys = [str(Path(p).resolve()) for p in paths]
         miss, out = [], None
-        for i, k in enumerate(keys):
-            r = self.rows.get(k)
-            if r is None or r[0] != _stamp(k): miss.append(i); continue
-            if out is None: out = np.empty((len(keys), r[1].shape[0]), np.float32)
-            out[i] = r[1]
+        for i, p in enumerate(paths):
+            r = self.rows.get(self.digest(p))
+            if r is None: miss.append(i); continue
+            if out is None: out = np.empty((len(paths), r.shape[0]), np.float32)
+            out[i] = r
         return out, miss
     def update(self, paths, feats: np.ndarray):
         for p, f in zip(paths, feats):
-            k = str(Path(p).resolve()); self.rows[k] = (_stamp(k), np.asarray(f, np.float32))
+            d = self._digests.pop(str(p), None) or file_sha256(p)
+            self.rows[d] = np.asarray(f, np.float32)
     def save(self):
         keys = list(self.rows)
         with atomic_path(self.path, suffix='.tmp.npz') as tmp:
-            np.savez(tmp, ident=np.array(self.ident), keys=np.array(keys, dtype=str),
-                     stamps=np.array([self.rows[k][0] for k in keys], np.int64).reshape(-1, 2),
-                     features=np.stack([self.rows[k][1] for k in keys]) if keys else np.zeros((0, 0), np.float32))
+            np.savez(tmp, ident=np.array(self.ident), format=np.array(CACHE_FORMAT), keys=np.array(keys, dtype=str),
+                     features=np.stack([self.rows[k] for k in keys]) if keys else np.zeros((0, 0), np.float32))
         return self.path
 
 # %% ../nbs/07a_features.ipynb #c47be001
@@ -294,6 +296,11 @@ class ClassifierFeatures(nn.Module):
         return self.model.embed(self.preprocess(x)).float().flatten(1)
 
 # %% ../nbs/07a_features.ipynb #60006eba
+def _penultimate(model) -> str:
+    "What the features of `model` are, for labels: by the classifier's real architecture."
+    arch = getattr(model, 'arch', '')
+    return {'densenet121': 'DenseNet-121 penultimate', 'discriminator': "GAN discriminator's penultimate"}.get(arch, f'{type(model).__name__} .embed')
+
 def classifier_features(model: nn.Module | str | Path, weights_path: str | Path | None = None) -> ClassifierFeatures:
     "FID_CXR extractor from a classifier checkpoint path (via `cxr_pggan.classifier.load_classifier`) or a loaded module."
     if isinstance(model, (str, Path)):
@@ -312,7 +319,7 @@ def classifier_features(model: nn.Module | str | Path, weights_path: str | Path 
         dim = model.eval().embed(torch.zeros(1, 1, size or 64, size or 64, device=p.device if p is not None else 'cpu')).shape[-1]
     meta = dict(features='classifier', weights=str(weights_path) if weights_path else None, weights_sha256=sha or f'in-memory {type(model).__name__}',
                 random_weights=False, dim=int(dim), official_weights=False,
-                label=f'FID_CXR (DenseNet-121 penultimate, {Path(weights_path).name})' if weights_path else 'FID_CXR (in-memory classifier, not a saved checkpoint)',
+                label=f'FID_CXR ({_penultimate(model)}, {Path(weights_path).name})' if weights_path else f'FID_CXR ({_penultimate(model)}; in-memory classifier, not a saved checkpoint)',
                 convention=f'[0,1] float, bilinear antialias resize to {size or "native"}, classifier .embed', cxr_pggan=_version(),
                 init_weights=getattr(model, 'init_weights', None) or ('none: random initialisation (as recorded in the checkpoint)'
                                                                        if weights_path else 'none recorded (an in-memory classifier)'))
@@ -561,7 +568,7 @@ def bench_fid_cli(argv: list[str]) -> int:
                         a.classes, a.dim, a.sqrtm_pairs, a.skip_pytorch_fid, a.skip_pairwise, skip_throughput=a.skip_throughput)
     except (FileNotFoundError, RuntimeError) as e:
         print(f'cxr-pggan bench fid: {e}', file=sys.stderr); return 2
-    from cxr_pggan.core import write_bench_json
+    from cxr_pggan.core import BENCH_KIND, write_bench_json
     write_bench_json(dict(bench='fid', params=vars(a), **rec), a.json)
-    if a.json: write_provenance(a.json, params=vars(a), weights={'inception': rec['weights']} if 'weights' in rec else None)
+    if a.json: write_provenance(a.json, params=vars(a), weights={'inception': rec['weights']} if 'weights' in rec else None, kind=BENCH_KIND)
     return 0

@@ -15,7 +15,8 @@ from .metrics import (METRICS, MIN_FID_N, FeatureSet, FIDResult, FIDStats, check
                                compute_metrics, pairwise_fid, warn_small_n)
 
 # %% auto #0
-__all__ = ['comparisons', 'comparison_rows', 'resolution_note', 'class_groups', 'mds_embedding', 'figure5', 'fid_cli']
+__all__ = ['FID_JSON_KIND', 'FID_STATS_KIND', 'comparisons', 'comparison_rows', 'resolution_note', 'class_groups',
+           'classical_mds', 'mds_embedding', 'figure5', 'fid_cli']
 
 # %% ../nbs/08_fid.ipynb #ea466c9a
 def comparisons(frame, halves=None) -> list[tuple]:
@@ -73,23 +74,52 @@ def class_groups(frame, F_: np.ndarray, min_n: int = 2) -> dict:
     return {l: F_[frame[l].to_numpy() == 1] for l in LABELS if int((frame[l] == 1).sum()) >= min_n}
 
 # %% ../nbs/08_fid.ipynb #da32843b
-def mds_embedding(D, seed: int = 0) -> np.ndarray:
-    "2-D metric MDS of a precomputed distance matrix (classical-MDS start, so it is deterministic)."
+def classical_mds(D, n_components: int = 2) -> np.ndarray:
+    """Torgerson's classical MDS of a distance matrix: the top eigenvectors of B = -½ J D² J scaled by √λ. A matrix that
+    is not Euclidean has negative eigenvalues; they are clipped to 0 (never a NaN), and each axis' sign is fixed (its
+    largest entry positive), so the result is deterministic."""
+    D = np.asarray(D, np.float64); n = len(D)
+    J = np.eye(n) - 1.0 / n
+    B = -0.5 * J @ (D ** 2) @ J
+    w, V = np.linalg.eigh((B + B.T) / 2)
+    top = np.argsort(w)[::-1][:n_components]
+    w, V = np.clip(w[top], 0, None), V[:, top]
+    s = np.sign(V[np.abs(V).argmax(0), np.arange(V.shape[1])]); s[s == 0] = 1
+    X = V * s * np.sqrt(w)
+    return np.pad(X, ((0, 0), (0, n_components - X.shape[1])))
+
+def _smacof(seed: int):
+    "scikit-learn's metric MDS (SMACOF) on a precomputed matrix, in the parameter names of the installed version."
+    import inspect
     from sklearn.manifold import MDS
-    D = np.clip(np.asarray(D, np.float64), 0, None); D = (D + D.T) / 2
-    try: m = MDS(n_components=2, metric='precomputed', init='classical_mds', random_state=seed, normalized_stress='auto')
-    except TypeError: m = MDS(n_components=2, dissimilarity='precomputed', random_state=seed)
-    return m.fit_transform(D)
+    have = inspect.signature(MDS.__init__).parameters
+    kw = dict(n_components=2, n_init=1, random_state=seed)
+    if 'metric_mds' in have: kw |= dict(metric='precomputed', metric_mds=True, init='random')   # scikit-learn >= 1.8
+    else: kw |= dict(metric=True, dissimilarity='precomputed')                                   # older: `dissimilarity=`
+    if 'normalized_stress' in have: kw['normalized_stress'] = 'auto'
+    return MDS(**{k: v for k, v in kw.items() if k in have})
+
+def mds_embedding(D, seed: int = 0) -> np.ndarray:
+    """2-D metric MDS (SMACOF) of a precomputed distance matrix, started from our own `classical_mds` (negative
+    eigenvalues clipped to 0): finite and deterministic for any symmetric matrix, Euclidean or not, with any
+    scikit-learn (>= 1.8 would start from its own classical MDS, whose √ of a negative eigenvalue is NaN)."""
+    D = np.clip(np.asarray(D, np.float64), 0, None); D = (D + D.T) / 2; np.fill_diagonal(D, 0)
+    if D.ndim != 2 or D.shape[0] != D.shape[1] or not np.isfinite(D).all():
+        raise ValueError(f"mds_embedding needs a finite square distance matrix, got shape {D.shape} with {int((~np.isfinite(D)).sum())} non-finite entries")
+    X0 = classical_mds(D)
+    if len(D) < 3 or not D.any(): return X0
+    return _smacof(seed).fit_transform(D, init=X0)
 
 # %% ../nbs/08_fid.ipynb #bded3689
 def figure5(P_matrix, ns: dict, title_note: str = '', seed: int = 0):
-    "Figure 5: pairwise class FID heatmap, its 2-D MDS and the hierarchical-clustering dendrogram."
+    """Figure 5: pairwise class FID heatmap; the 2-D metric MDS and the average-linkage dendrogram of √FID (the Fréchet
+    distance between the fitted Gaussians, a metric; FID itself is its square)."""
     import matplotlib.pyplot as plt, seaborn as sns
     from scipy.cluster.hierarchy import linkage, dendrogram
     from scipy.spatial.distance import squareform
     from cxr_pggan.data import DISPLAY_NAMES
     names = list(P_matrix.index); disp = [f"{DISPLAY_NAMES.get(n, n)} (N={ns[n]})" for n in names]
-    D = np.clip(P_matrix.to_numpy(), 0, None); D = (D + D.T) / 2
+    D = np.sqrt(np.clip(P_matrix.to_numpy(np.float64), 0, None)); D = (D + D.T) / 2      # √FID: the Fréchet distance
     sns.set_theme(style='whitegrid', context='paper')
     fig, ax = plt.subplots(1, 3, figsize=(20, 6.5), gridspec_kw=dict(width_ratios=[1.15, 1, 1]))
     sns.heatmap(P_matrix.set_axis(disp, axis=0).set_axis(disp, axis=1), ax=ax[0], cmap='viridis', square=True,
@@ -99,11 +129,11 @@ def figure5(P_matrix, ns: dict, title_note: str = '', seed: int = 0):
         xy = mds_embedding(D, seed)
         sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=[DISPLAY_NAMES.get(n, n) for n in names], ax=ax[1], s=80, legend=False, palette='tab20')
         for (x_, y_), n in zip(xy, names): ax[1].annotate(DISPLAY_NAMES.get(n, n), (x_, y_), fontsize=8, xytext=(3, 3), textcoords='offset points')
-        ax[1].set_title('2-D metric MDS of the class FID matrix'); ax[1].set_xlabel('MDS 1'); ax[1].set_ylabel('MDS 2')
+        ax[1].set_title('2-D metric MDS of √FID (Fréchet distance)'); ax[1].set_xlabel('MDS 1 (√FID units)'); ax[1].set_ylabel('MDS 2 (√FID units)')
         ax[1].set_aspect('equal', adjustable='datalim')
         Z = linkage(squareform(D, checks=False), method='average')
         dendrogram(Z, labels=[DISPLAY_NAMES.get(n, n) for n in names], orientation='right', ax=ax[2], color_threshold=None)
-        ax[2].set_title('Hierarchical clustering (average linkage on FID)'); ax[2].set_xlabel('FID')
+        ax[2].set_title('Hierarchical clustering (average linkage on √FID)'); ax[2].set_xlabel('√FID (Fréchet distance)')
     else:
         for a in ax[1:]: a.text(0.5, 0.5, f'{len(names)} classes: too few for MDS/clustering', ha='center'); a.axis('off')
     fig.suptitle('Figure 5 — FID between findings' + (f'\n{title_note}' if title_note else ''), fontsize=11)
@@ -128,6 +158,8 @@ def _load_stats(path: Path, default_meta: dict | None) -> FIDStats:
         if default_meta: s.meta = {**default_meta, 'n': s.n}
     return s
 
+FID_JSON_KIND, FID_STATS_KIND = 'fid result', 'fid statistics'     # provenance kinds of `fid --json` and `--save-stats` files
+
 def fid_cli(argv: list[str]) -> int:
     from cxr_pggan.core import check_device, check_writable
     ap = CLIParser(prog='cxr-pggan fid', description='Distribution metrics (FID, KID, FID_CXR, ...) between two image sets, FID exactly as '
@@ -136,7 +168,7 @@ def fid_cli(argv: list[str]) -> int:
     ap.add_argument('--real', required=True, help='folder of images, CSV, or .npz statistics')
     ap.add_argument('--fake', required=True, help='folder of images, CSV, .npz statistics, or a generator checkpoint (.pt/.pth/.ckpt)')
     ap.add_argument('--metrics', default=None, help=f"comma-separated registered metrics ({', '.join(METRICS)}); default fid,kid")
-    ap.add_argument('--classifier', help='classifier checkpoint for the *_cxr metrics (FID_CXR: DenseNet-121 penultimate features)')
+    ap.add_argument('--classifier', help='classifier checkpoint for the *_cxr metrics (FID_CXR: its penultimate features; DenseNet-121 or discriminator)')
     ap.add_argument('--features', default=None, help="shorthand: 'inception' (fid,kid) or 'classifier:CKPT' (fid_cxr,kid_cxr)")
     ap.add_argument('--n', type=int, help='images per set (seeded random subset; number of samples for a checkpoint)')
     ap.add_argument('--split', help='use only this split (e.g. test) of each image set, as listed in --splits')
@@ -148,7 +180,7 @@ def fid_cli(argv: list[str]) -> int:
     ap.add_argument('--workers', type=int, help='DataLoader workers (default min(8, CPUs) for 64+ images)')
     ap.add_argument('--device', help='cuda, cuda:1, cpu (default: cuda when present)')
     ap.add_argument('--cache', help='folder for per-image feature caches (reused across runs and subsets)')
-    ap.add_argument('--kid-subsets', type=int, default=100, help='KID subsets (0: skip KID)')
+    ap.add_argument('--kid-subsets', type=int, default=100, help='KID subsets (0: skip KID; then --metrics may not name kid)')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--save-stats', nargs=2, metavar=('REAL_NPZ', 'FAKE_NPZ'), help='also save both sets\' Inception statistics as .npz')
     ap.add_argument('--json', help='write the result (and its provenance) to this JSON file')
@@ -159,11 +191,16 @@ def fid_cli(argv: list[str]) -> int:
     for v, opt in ((a.n, '--n'), (a.batch_size, '--batch-size')):
         if v is not None and v < 1: raise ValueError(f"{opt} {v}: must be >= 1")
     if a.kid_subsets < 0: raise ValueError(f"--kid-subsets {a.kid_subsets}: must be >= 0 (0 skips KID)")
-    for f in ([a.json] if a.json else []) + list(a.save_stats or []): check_writable(f)
+    if a.json: check_writable(a.json, kind=FID_JSON_KIND)
+    for f in a.save_stats or []: check_writable(f, kind=FID_STATS_KIND)
     clf = a.classifier
     if a.features and a.features.startswith('classifier:'): clf = clf or a.features.split(':', 1)[1]
     elif a.features and a.features != 'inception': raise ValueError(f"--features must be 'inception' or 'classifier:CKPT', not {a.features!r}")
     ms = check_metrics(a.metrics or ('fid_cxr,kid_cxr' if a.features and a.features.startswith('classifier:') else 'fid,kid'))
+    if a.kid_subsets == 0:                                   # 0 skips KID: never a "KID nan ± nan"
+        asked = [m.name for m in ms if m.name in ('kid', 'kid_cxr')]
+        if a.metrics and asked: raise ValueError(f"--kid-subsets 0 skips KID, but --metrics asks for {', '.join(asked)}; give --kid-subsets 1 or more (default 100) or leave it out of --metrics")
+        ms = [m for m in ms if m.name not in ('kid', 'kid_cxr')]
     spaces = list(dict.fromkeys(m.features for m in ms))
     if 'classifier' in spaces and not clf: raise ValueError(f"metric(s) {[m.name for m in ms if m.features == 'classifier']} need --classifier CKPT")
     kw = dict(split=a.split, splits=a.splits, on_missing='drop' if a.drop_missing else 'raise', trust_pickle=a.trust_pickle)
@@ -198,7 +235,7 @@ def fid_cli(argv: list[str]) -> int:
             x = sets[side]['inception']
             (x.stats if x.stats is not None else FIDStats.from_features(x.X, x.meta)).save(dst)
             write_provenance(dst, params=vars(a), inputs={side: getattr(a, side)} if Path(getattr(a, side)).is_file() else None,
-                             weights=weights_record(extractors['inception']) if 'inception' in extractors else None)
+                             weights=weights_record(extractors['inception']) if 'inception' in extractors else None, kind=FID_STATS_KIND)
     n1, n2 = (next(iter(sets[s].values())).n for s in ('real', 'fake'))
     warn_small_n(n1, n2)
     vals = compute_metrics([m.name for m in ms], sets['real'], sets['fake'], kid_subsets=a.kid_subsets, seed=a.seed)
@@ -215,5 +252,5 @@ def fid_cli(argv: list[str]) -> int:
         if any(r.random_weights for r in results.values()): rec['warning'] = RANDOM_WEIGHTS_LABEL
         atomic_write(a.json, json.dumps(rec, indent=1, default=str))
         write_provenance(a.json, params=vars(a), seed=a.seed, inputs={k: v for k, v in (('real', a.real), ('fake', a.fake)) if Path(v).is_file()},
-                         weights={k: v for e in extractors.values() for k, v in weights_record(e).items()} or None)
+                         weights={k: v for e in extractors.values() for k, v in weights_record(e).items()} or None, kind=FID_JSON_KIND)
     return 0

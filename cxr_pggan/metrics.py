@@ -14,7 +14,7 @@ import torch
 from .core import atomic_path, progress
 
 # %% auto #0
-__all__ = ['METRICS', 'MIN_FID_N', 'FIDStats', 'check_comparable', 'sqrtm_psd', 'psd_factor', 'trace_sqrt_product',
+__all__ = ['METRICS', 'MIN_FID_N', 'FIDStats', 'check_comparable', 'sqrtm_psd', 'psd_factor', 'trace_sqrt_product', 'distance',
            'frechet_distance', 'frechet_distance_sqrtm', 'FIDFactor', 'fid_factor', 'frechet_from_factors',
            'fid_from_features', 'pairwise_fid', 'kid', 'FeatureSet', 'Metric', 'register_metric', 'check_metrics',
            'compute_metrics', 'fid_metric', 'kid_metric', 'fid_cxr_metric', 'kid_cxr_metric', 'FIDResult',
@@ -105,20 +105,25 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, backend: str = 'a
     return _sum_sqrt_eig(_sandwich(np.asarray(Fm, np.float64), np.asarray(sigma2, np.float64), False), False)
 
 # %% ../nbs/07b_metrics.ipynb #86abe127
+def distance(v) -> float:
+    "A distance as a float, clamped at 0: rounding can leave -1e-13 where the true value is 0, never -0.0 (NaN stays NaN)."
+    v = float(v)
+    return 0.0 if v <= 0 else v
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, backend: str = 'auto') -> float:
-    "Exact Fréchet distance of two Gaussians in float64 by the symmetric route (numpy; torch on a GPU when present)."
+    "Exact Fréchet distance of two Gaussians in float64 by the symmetric route (numpy; torch on a GPU when present); never negative."
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"frechet_distance: shapes disagree: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     d = mu1 - mu2
-    return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2, backend))
+    return distance(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2, backend))
 
 # %% ../nbs/07b_metrics.ipynb #5d741cea
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2) -> float:
-    "The reference: pytorch-fid's own `calculate_frechet_distance` (`scipy.linalg.sqrtm` of Σ1Σ2)."
+    "The reference: pytorch-fid's own `calculate_frechet_distance` (`scipy.linalg.sqrtm` of Σ1Σ2), clamped at 0 as ours."
     from pytorch_fid.fid_score import calculate_frechet_distance
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    return distance(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 # %% ../nbs/07b_metrics.ipynb #2694f776
 @dataclass
@@ -151,7 +156,7 @@ def fid_factor(feats: np.ndarray | None = None, stats: FIDStats | None = None, b
 
 # %% ../nbs/07b_metrics.ipynb #74173efd
 def frechet_from_factors(a: FIDFactor, b: FIDFactor, backend: str = 'auto') -> float:
-    "Fréchet distance from two factors: tr √(Σa Σb) = Σ √λ(C Cᵀ), C = Fa Fbᵀ (the smaller side)."
+    "Fréchet distance from two factors: tr √(Σa Σb) = Σ √λ(C Cᵀ), C = Fa Fbᵀ (the smaller side); never negative."
     d = a.mu - b.mu
     if _use_torch(backend):
         Fa, Fb = _t(a.F), _t(b.F)
@@ -165,7 +170,7 @@ def frechet_from_factors(a: FIDFactor, b: FIDFactor, backend: str = 'auto') -> f
         else: C = a.F @ b.F.T
         M = C @ C.T if C.shape[0] <= C.shape[1] else C.T @ C
         tr = _sum_sqrt_eig(M, False)
-    return float(d @ d + a.trace + b.trace - 2 * tr)
+    return distance(d @ d + a.trace + b.trace - 2 * tr)
 
 # %% ../nbs/07b_metrics.ipynb #021142a9
 def fid_from_features(f1: np.ndarray, f2: np.ndarray, backend: str = 'auto') -> float:
@@ -191,6 +196,8 @@ def pairwise_fid(groups: dict, backend: str = 'auto', progress_bar: bool = True)
 def kid(f1: np.ndarray, f2: np.ndarray, n_subsets: int = 100, subset_size: int = 1000, degree: int = 3,
         coef0: float = 1.0, seed: int = 0) -> tuple[float, float]:
     "KID: mean and std over `n_subsets` of the unbiased polynomial-kernel MMD² (subset size capped by both N)."
+    if int(n_subsets) < 1: raise ValueError(f"KID with {n_subsets} subsets cannot be computed: --kid-subsets (knob kid_subsets) must be >= 1 (e.g. 100)")
+    if int(subset_size) < 2: raise ValueError(f"KID with subsets of {subset_size} image(s) cannot be computed: the subset size (knob kid_subset_size) must be >= 2 (e.g. 1000)")
     X, Y = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     m = min(subset_size, len(X), len(Y))
     if m < 2: raise ValueError(f"kid needs at least 2 images per set, got {len(X)} and {len(Y)}")
@@ -302,10 +309,11 @@ class FIDResult:
     random_weights: bool = False
     kid_mean: float | None = None
     kid_std: float | None = None
+    def __post_init__(self): self.fid = distance(self.fid)          # a distance: never negative, never -0.0
     def __str__(self):
         name = 'FID' if self.features == 'inception' else 'FID_CXR'
         s = f"{name} {self.fid:.3f} (N={self.n1} vs N={self.n2})"
-        if self.kid_mean is not None: s += f", KID {self.kid_mean:.5f} ± {self.kid_std:.5f}"
+        if self.kid_mean is not None and not np.isnan(self.kid_mean): s += f", KID {self.kid_mean:.5f} ± {self.kid_std:.5f}"
         if self.random_weights or (self.features != 'inception' and self.label): s += f" [{self.label or 'random weights'}]"
         return s
     def asdict(self) -> dict:

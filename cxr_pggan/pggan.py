@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import (CLIParser, atomic_path, check_all_writable, check_device, check_writable, claim_folder, file_sha256, payload_digest, positive_int,
-                            progress, torch_load, write_provenance)
+from .core import (CLIParser, atomic_path, check_all_writable, check_device, check_writable, claim_folder, file_sha256, foreign_files,
+                            payload_digest, positive_int, progress, torch_load, write_provenance)
 
 # %% auto #0
-__all__ = ['ARCHS', 'FORMAT', 'depth_table', 'PGGANConfig', 'make_config', 'EqualizedConv2d', 'EqualizedLinear', 'pixel_norm',
-           'upsample2', 'MinibatchStd', 'Generator', 'Discriminator', 'PretrainedGAN', 'save_pggan',
-           'UntrustedPickleError', 'load_pretrained', 'check_reference', 'to_unit', 'from_unit', 'to_uint8', 'sample_z',
-           'ImageGenerator', 'as_image_generator', 'sample_images', 'generate', 'convert_weights',
-           'convert_weights_cli', 'generate_cli']
+__all__ = ['ARCHS', 'FORMAT', 'MAX_GENERATE', 'CONVERTED_KIND', 'depth_table', 'PGGANConfig', 'make_config', 'EqualizedConv2d',
+           'EqualizedLinear', 'pixel_norm', 'upsample2', 'MinibatchStd', 'Generator', 'Discriminator', 'PretrainedGAN',
+           'save_pggan', 'UntrustedPickleError', 'load_pretrained', 'check_reference', 'to_unit', 'from_unit',
+           'to_uint8', 'z_chunks', 'sample_z', 'ImageGenerator', 'as_image_generator', 'sample_images', 'generate',
+           'origin_train_split', 'convert_weights', 'convert_weights_cli', 'generate_cli']
 
 # %% ../nbs/05_pggan.ipynb #703ca87e
 def depth_table(resolution: int = 1024, fmap_base: int = 8192, fmap_max: int = 512, fmap_min: int = 1) -> list[int]:
@@ -508,20 +508,25 @@ def to_uint8(x: torch.Tensor, output_range=(-1.0, 1.0)) -> np.ndarray:
     return a[:, 0] if a.shape[1] == 1 else a.transpose(0, 2, 3, 1)
 
 # %% ../nbs/05_pggan.ipynb #d3733bc1
+def z_chunks(n: int, latent_dim: int, seed: int = 0, truncation: float | None = None):
+    """Yield the latents of `sample_z` in its fixed chunks of (at most) 1024 rows, so `n` latents never need to be in
+    memory at once (`generate` writes them as it goes)."""
+    if truncation is not None and truncation <= 0: raise ValueError(f"truncation must be > 0, got {truncation}")
+    g = torch.Generator().manual_seed(int(seed))
+    left = n
+    while left > 0:
+        z = torch.randn(1024, latent_dim, generator=g)
+        if truncation is not None:
+            bad = z.abs() > truncation
+            while bad.any():
+                z[bad] = torch.randn(int(bad.sum()), generator=g); bad = z.abs() > truncation
+        yield z[:left]; left -= min(left, 1024)
+
 def sample_z(n: int, latent_dim: int, seed: int = 0, truncation: float | None = None) -> torch.Tensor:
     """`n` latents N(0, I) from a CPU generator seeded with `seed` (drawn in fixed chunks, so the same seed
     gives the same z whatever the batch size). `truncation=psi`: every entry with |z| > psi is redrawn (a
     truncated normal). Scaling z would do nothing here, because G pixel-normalises z first."""
-    g = torch.Generator().manual_seed(int(seed))
-    chunks, left = [], n
-    while left > 0:
-        z = torch.randn(1024, latent_dim, generator=g)
-        if truncation is not None:
-            if truncation <= 0: raise ValueError(f"truncation must be > 0, got {truncation}")
-            bad = z.abs() > truncation
-            while bad.any():
-                z[bad] = torch.randn(int(bad.sum()), generator=g); bad = z.abs() > truncation
-        chunks.append(z[:left]); left -= len(chunks[-1])
+    chunks = list(z_chunks(n, latent_dim, seed, truncation))
     return torch.cat(chunks) if chunks else torch.empty(0, latent_dim)
 
 # %% ../nbs/05_pggan.ipynb #1ed72537
@@ -581,40 +586,81 @@ def _save_png(arr: np.ndarray, path: Path):
     from PIL import Image
     with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format='PNG')
 
+MAX_GENERATE = 1_000_000   # images per folder: names keep six digits (<prefix>_000000.png ... _999999.png), so they sort in order
+
+def _own_images(out: Path, prefix: str, foreign) -> dict[int, Path]:
+    "index -> path of the `<prefix>_NNNNNN.png` files in `out` that `generate` wrote (the folder is its own; foreign files excluded)."
+    pat = re.compile(rf'{re.escape(prefix)}_(\d{{6}})\.png')
+    return {int(m[1]): p for p in out.iterdir() if (m := pat.fullmatch(p.name)) and p.resolve() not in foreign}
+
 def generate(checkpoint, n: int, out, truncation: float | None = None, seed: int = 0, batch_size: int = 16,
              device: str | None = None, trust_pickle: bool = False, use_ema: bool = True, prefix: str = 'synthetic',
              force: bool = False) -> dict:
     """Write `n` PNGs (`<prefix>_000000.png` …) and their latents (`latents.npy`, row i = image i) to `out`,
-    with a provenance record naming the weights. Samples from the EMA generator when the file has one.
-    `out` must be new, empty or an earlier `generate` output (`force`: write beside other files, never over them)."""
+    with a provenance record naming the weights. Samples from the EMA generator when the file has one. Streams: one
+    chunk of latents and one batch of images in memory whatever `n` (at most `MAX_GENERATE`).
+    `out` must be new, empty or an earlier `generate` output (`force`: write beside other files, never over them). An
+    earlier output is *replaced*: after this run's images are written, the earlier run's images this run did not
+    rewrite (e.g. 5 before, 2 now) are deleted, so the folder never mixes two runs; only files the folder's mark
+    shows `generate` wrote are deleted, never a foreign one."""
     if n < 1 or batch_size < 1: raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    if n > MAX_GENERATE: raise ValueError(f"--n {n}: at most {MAX_GENERATE:,} images per folder (names have six digits, "
+                                          f"{prefix}_000000.png ... {prefix}_999999.png); write more into several folders, each with its own --seed")
     IG = as_image_generator(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
     out = Path(out); claim_folder(out, 'generate', force=force)
-    check_all_writable([out / f for f in [f'{prefix}_{k:06d}.png' for k in range(n)] + ['latents.npy']], out)
-    w, files, k = IG.weights, [], 0
-    z = sample_z(n, IG.latent_dim, seed, truncation)
-    for b in sample_images(IG, n, seed, batch_size, device, truncation, desc=f"generate {n} @ {w['resolution']}²", z=z):
-        for a in (b[:, 0] if b.shape[1] == 1 else b.permute(0, 2, 3, 1)).numpy():
-            p = out / f'{prefix}_{k:06d}.png'; _save_png(a, p); files.append(p.name); k += 1
-    with atomic_path(out / 'latents.npy') as tmp:
-        with open(tmp, 'wb') as f: np.save(f, z.numpy().astype(np.float32))
+    foreign = foreign_files(out)
+    pat = re.compile(rf'{re.escape(prefix)}_(\d{{6}})\.png')
+    check_all_writable([f for f in foreign if f.parent == out.resolve() and
+                        (f.name == 'latents.npy' or ((m := pat.fullmatch(f.name)) and int(m[1]) < n))] +
+                       [out / 'latents.npy'], out)                              # before anything is written
+    w, k = IG.weights, 0
+    dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    IG = IG.to(dev).eval()
+    bar = progress(total=n, desc=f"generate {n} @ {w['resolution']}²", unit='img')
+    with atomic_path(out / 'latents.npy') as tmp, torch.no_grad():
+        Z = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(n, IG.latent_dim))
+        for z in z_chunks(n, IG.latent_dim, seed, truncation):
+            Z[k:k + len(z)] = z.numpy()
+            for s in range(0, len(z), batch_size):
+                b = (IG(z[s:s + batch_size].to(dev)).float() * 255).round_().to(torch.uint8).cpu()   # quantised as sample_images
+                for a in (b[:, 0] if b.shape[1] == 1 else b.permute(0, 2, 3, 1)).numpy():
+                    _save_png(a, out / f'{prefix}_{k:06d}.png'); k += 1
+                bar.update(len(b))
+        Z.flush(); del Z
+    bar.close()
+    stale = sorted(p for i, p in _own_images(out, prefix, foreign).items() if i >= n)
+    for p in stale: p.unlink()                                                  # the earlier run's images beyond this run's n
     info = dict(n=n, seed=seed, truncation=truncation, network=w['network'], resolution=w['resolution'],
-                channels=IG.G.cfg.channels if hasattr(IG.G, 'cfg') else None, output_range=list(IG.output_range), files=len(files), out=str(out))
+                channels=IG.G.cfg.channels if hasattr(IG.G, 'cfg') else None, output_range=list(IG.output_range), files=k, out=str(out),
+                replaced_earlier=len(stale))
     write_provenance(out / 'latents.npy', params=info, seed=seed, inputs=dict(checkpoint=checkpoint), weights={'generator': w})
     return info
 
 # %% ../nbs/05_pggan.ipynb #902e7c2f
+CONVERTED_KIND = 'converted GAN'   # the provenance kind of a `convert-weights` output
+
+def origin_train_split(origin: dict | None) -> dict | None:
+    """The training images a model file's `origin` records (`train.select_split`'s record: name, splits, sha256, images);
+    a file of `cxr_pggan.train` from before the record existed trained on every image ('all'); None when none is recorded."""
+    origin = origin or {}
+    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
+    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+
 def convert_weights(src, dst, trust_pickle: bool = False) -> dict:
-    "Read any supported checkpoint and write its networks in our format (pickle-free) to `dst` (never over a file we did not write)."
-    check_writable(dst)
+    """Read any supported checkpoint and write its networks in our format (pickle-free) to `dst` (never over a file that
+    is not an earlier `convert-weights` output). The converted file keeps what the source records of the GAN's training
+    images (`origin.train_split`), or says it is unknown."""
+    check_writable(dst, kind=CONVERTED_KIND)
     pre = load_pretrained(src, trust_pickle=trust_pickle)
     cfg = pre.config
+    seen = origin_train_split(pre.meta.get('origin'))                         # what the source records of its training images
     meta = {**pre.meta, 'origin': dict(path=pre.meta['file']['path'], sha256=pre.meta['file']['sha256'],
-                                       source_format=pre.meta['source_format'])}
+                                       source_format=pre.meta['source_format'],
+                                       train_split=seen if seen is not None else 'unknown: the source file records no training split')}
     meta.pop('file', None)
     save_pggan(dst, cfg, G=pre.G, D=pre.D, G_ema=pre.G_ema, alpha=pre.meta['alpha'], meta=meta)
     write_provenance(dst, params=dict(src=str(src), trust_pickle=trust_pickle), inputs=dict(src=src),
-                     weights={'converted': meta['origin']})
+                     weights={'converted': meta['origin']}, kind=CONVERTED_KIND)
     return meta
 
 # %% ../nbs/05_pggan.ipynb #58423e40
@@ -632,9 +678,12 @@ def convert_weights_cli(argv: list[str]) -> int:
 
 # %% ../nbs/05_pggan.ipynb #6d356939
 def generate_cli(argv: list[str]) -> int:
-    ap = CLIParser(prog='cxr-pggan generate', description='Sample PNGs (and their latents) from a PGGAN checkpoint.')
-    ap.add_argument('--checkpoint', required=True); ap.add_argument('--n', type=positive_int, required=True)
-    ap.add_argument('--out', required=True, help='a new or empty folder, or one an earlier `generate` wrote')
+    ap = CLIParser(prog='cxr-pggan generate', description='Sample PNGs (and their latents) from a PGGAN checkpoint. Into a folder an '
+                   'earlier `generate` wrote, the new run replaces the earlier one: its images that this run does not rewrite are deleted '
+                   '(only files `generate` wrote there), so a folder never mixes two runs.')
+    ap.add_argument('--checkpoint', required=True)
+    ap.add_argument('--n', type=positive_int, required=True, help=f'number of images (at most {MAX_GENERATE:,} per folder; written as they are made)')
+    ap.add_argument('--out', required=True, help='a new or empty folder, or one an earlier `generate` wrote (that run is replaced)')
     ap.add_argument('--truncation', type=float, default=None, help='redraw latent entries with |z| > PSI (default: no truncation)')
     ap.add_argument('--seed', type=int, default=0); ap.add_argument('--batch', type=positive_int, default=16)
     ap.add_argument('--device', default=None); ap.add_argument('--raw', action='store_true', help='sample the raw G instead of the EMA G')

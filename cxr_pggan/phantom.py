@@ -15,8 +15,9 @@ from .data import FINDINGS, LABELS, load_metadata, default_metadata_path
 
 # %% auto #0
 __all__ = ['CP_EFFUSION_THRESHOLD', 'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'ENRICH_MAX_FOLLOW_UPS',
-           'patient_anatomy', 'image_params', 'render_image', 'lung_masks', 'measure', 'sample_patients',
-           'render_phantom', 'phantom_complete', 'ensure_phantom', 'phantom_grid', 'phantom_cli', 'bench_phantom_cli']
+           'GRID_KIND', 'PHANTOM_JSON_KIND', 'patient_anatomy', 'image_params', 'render_image', 'lung_masks', 'measure',
+           'sample_patients', 'render_phantom', 'phantom_complete', 'ensure_phantom', 'phantom_grid', 'phantom_cli',
+           'bench_phantom_cli']
 
 # %% ../nbs/02_phantom.ipynb #a7bfbe8b
 _META_COLS = ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID', 'Patient Age', 'Patient Sex', 'View Position']
@@ -872,6 +873,8 @@ def ensure_phantom(n: int, size: int = 256, seed: int = 0, root=None, workers: i
     return render_phantom(folder, n, size, seed, workers=workers, quiet=quiet, enrich=enrich)
 
 # %% ../nbs/02_phantom.ipynb #6ca22112
+GRID_KIND = 'phantom grid'   # the provenance kind of `phantom --grid` (and of the notebook's grid figure)
+
 def phantom_grid(folder, path, n: int = 16, cols: int | None = None, provenance: bool = True) -> Path:
     """Write a labelled PNG grid of `n` images (one per patient first) of a phantom (or any NIH-layout) `folder` to `path`
     (atomically, dpi 150) with its `.provenance.json`; returns `path`."""
@@ -899,10 +902,12 @@ def phantom_grid(folder, path, n: int = 16, cols: int | None = None, provenance:
     if provenance:
         mf = folder / MANIFEST
         write_provenance(path, params=dict(folder=str(folder), n=int(n)), inputs={'data_entry': csv, 'manifest': mf},
-                         extra=dict(phantom=json.loads(mf.read_text()) if mf.is_file() else None))
+                         extra=dict(phantom=json.loads(mf.read_text()) if mf.is_file() else None), kind=GRID_KIND)
     return path
 
 # %% ../nbs/02_phantom.ipynb #3e028d29
+PHANTOM_JSON_KIND = 'phantom render record'   # the provenance kind of `phantom --json`
+
 def phantom_cli(argv: list[str]) -> int:
     "`cxr-pggan phantom --out DIR --n N --size S --seed K [--metadata CSV] [--workers W] [--grid PNG] [--json FILE]`"
     ap = CLIParser(prog='cxr-pggan phantom',
@@ -917,15 +922,16 @@ def phantom_cli(argv: list[str]) -> int:
     ap.add_argument('--enrich', type=float, default=0.0, help='over-sample patients with rare findings: 0 = the NIH mix (default), '
                     '1 = each patient weighted by 1/prevalence of its rarest label (at most 4 images per patient)')
     ap.add_argument('--workers', type=int, default=None, help='processes (default: up to 2); output bytes do not depend on it')
-    ap.add_argument('--grid', help='also write a labelled grid of 16 images (one per patient) to this PNG')
-    ap.add_argument('--json', help='write timing and counts to this JSON file')
+    ap.add_argument('--grid', help='also write a labelled grid of 16 images (one per patient) to this PNG (a new file, or an earlier --grid)')
+    ap.add_argument('--json', help='write timing and counts to this JSON file (a new file, or an earlier phantom --json)')
     a = ap.parse_args(argv)
     if a.n < 1: ap.error(f'--n must be >= 1, got {a.n}')
     if not 64 <= a.size <= 2048: ap.error(f'--size must be in 64..2048, got {a.size}')
     if a.seed < 0: ap.error(f'--seed must be >= 0, got {a.seed}')
     if a.workers is not None and a.workers < 1: ap.error(f'--workers must be >= 1, got {a.workers}')
     if a.metadata and not Path(a.metadata).is_file(): ap.error(f'--metadata {a.metadata}: no such file')
-    if a.json: check_writable(a.json)
+    if a.json: check_writable(a.json, kind=PHANTOM_JSON_KIND)               # both before anything is rendered
+    if a.grid: check_writable(a.grid, kind=GRID_KIND)
     t0 = time.time()
     out = render_phantom(a.out, a.n, a.size, a.seed, metadata=a.metadata, workers=a.workers, enrich=a.enrich, force=a.force)
     man = json.loads((out / MANIFEST).read_text())
@@ -935,7 +941,7 @@ def phantom_cli(argv: list[str]) -> int:
     if a.json:
         atomic_write(a.json, json.dumps(dict(man, total_seconds=round(time.time() - t0, 2), out=str(out)), indent=1))
         from cxr_pggan.core import write_provenance
-        write_provenance(a.json, params=vars(a))
+        write_provenance(a.json, params=vars(a), kind=PHANTOM_JSON_KIND)
     return 0
 
 # %% ../nbs/02_phantom.ipynb #7d9b83cd

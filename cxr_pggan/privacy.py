@@ -338,7 +338,7 @@ def save_reid(model: ReidNet, path: str | Path, resolution: int, record: dict) -
     rec['payload_sha256'] = payload_digest(rec)
     path = check_writable(Path(path))
     with atomic_path(path) as tmp: torch.save(rec, tmp)
-    write_provenance(path, params=dict(resolution=resolution, **model.config()), extra=dict(reid=record))
+    write_provenance(path, params=dict(resolution=resolution, **model.config()), extra=dict(reid=record), kind='re-identification network')
     return path
 
 def load_reid(path: str | Path) -> tuple[ReidNet, dict]:
@@ -679,7 +679,7 @@ def train_reid_cli(argv: list[str]) -> int:
     ap.add_argument('--out', required=True, help='checkpoint file to write (.pt)')
     a = ap.parse_args(argv)
     check_device(a.device); ts, hs = _splits_of(a)
-    check_writable(a.out)
+    check_writable(a.out, kind='re-identification network')
     tr = image_records(a.train, ts, a.splits, '--train', 2); ho = image_records(a.holdout, hs, a.splits, '--holdout', 2)
     check_disjoint(tr, ho, a.holdout if not hs else f'{a.holdout} (split {hs} of {a.splits})')
     for k, d in (('--train', tr), ('--holdout', ho)):

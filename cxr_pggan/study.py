@@ -734,10 +734,10 @@ def analyse(answers: pd.DataFrame, n_boot: int = 10_000, seed: int = 0, conf: fl
 # %% ../nbs/13_reader_study.ipynb #482284f0
 def export_answers(study: str | Path, out: str | Path) -> Path:
     "Write every judgement of the study to the CSV `out` (refuses a file cxr-pggan did not write)."
-    out = Path(out); check_writable(out)
+    out = Path(out); check_writable(out, kind='reader study answers')
     df = load_answers(study)
     with atomic_path(out) as tmp: df.to_csv(tmp, index=False)
-    write_provenance(out, inputs=dict(study=study_db(study)), extra=dict(answers=len(df), readers=int(df['reader'].nunique())))
+    write_provenance(out, inputs=dict(study=study_db(study)), extra=dict(answers=len(df), readers=int(df['reader'].nunique())), kind='reader study answers')
     return out
 
 # %% ../nbs/13_reader_study.ipynb #92851102

@@ -113,12 +113,17 @@ def latent_scores(E, z: torch.Tensor, x: torch.Tensor, batch: int = 64) -> dict:
     p = torch.cat([E(x[i:i + batch]).float() for i in range(0, len(x), batch)])
     return dict(heldout_mse=float(F.mse_loss(p, z)), heldout_cos=float(F.cosine_similarity(p, z, dim=1).mean()))
 
+def _is_encoder_file(path) -> bool:
+    "An encoder checkpoint written before provenance recorded kinds (its own format field says so)."
+    try: return bool(read_encoder_checkpoint(path))
+    except (OSError, ValueError): return False
+
 def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, heldout: int = 256,
                   eval_every: int = 200, checkpoint_every: int = 500, precision: str = 'fp32', seed: int = 0, device=None,
                   trust_pickle: bool = False, callbacks=(), log=print) -> dict:
     """Train (or resume) the latent encoder of the GAN checkpoint `generator` and write it to `out`; returns a summary.
     `callbacks`: functions `f(step)` called after every step (tests use them to simulate a kill)."""
-    out = Path(out); check_writable(out)
+    out = Path(out); check_writable(out, kind='latent encoder', adopt=lambda p: _is_encoder_file(p))
     for k, v in dict(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every).items():
         if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -145,7 +150,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     step, history = (int(rec['step']), list(rec['history'])) if rec is not None else (0, [])
     if rec is not None: log(f"resuming {out} at step {step}")
     if not out.is_file(): write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
-                                           weights={'generator': ident})        # marks `out` as ours before the first save
+                                           weights={'generator': ident}, kind='latent encoder')   # marks `out` as ours before the first save
     zh, xh = _heldout(G, heldout, seed, device)
     t0, d = time.time(), G.latent_dim
     def save(complete):
@@ -153,7 +158,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
                      scaler.state_dict() if scaler.is_enabled() else None)
         write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
                          weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
-                         extra=dict(step=step, complete=complete, last=history[-1] if history else None))
+                         extra=dict(step=step, complete=complete, last=history[-1] if history else None), kind='latent encoder')
     bar = progress(total=steps, initial=step, desc='encoder', unit='step')
     while step < steps:
         z = torch.randn(batch_size, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)

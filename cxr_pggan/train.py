@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
-from .core import (CLIParser, CorruptFileError, PRECISIONS, TimeBudget, atomic_path, cap_workers, check_device, claim_folder,
+from .core import (CLIParser, CorruptFileError, PRECISIONS, TimeBudget, atomic_path, cap_workers, check_device, check_writable, claim_folder,
                             device_info, dist_env, enforce_size_cap, on_kaggle, parse_duration, resolve_precision,
                             outputs_dir, parse_sets, progress, register_profile, seed_everything, torch_load, write_provenance)
 from .experiment import artifact, dataset_splits, resolve_dataset
@@ -17,10 +17,10 @@ from .pggan import (Discriminator, Generator, PGGANConfig, from_unit, make_confi
                              to_unit, upsample2)
 
 # %% auto #0
-__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'level_of', 'make_schedule', 'phase_at', 'worker_processes',
-           'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks', 'make_optimizers',
-           'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split',
-           'gan_training_split', 'gan_saw_split', 'RealImages', 'init_distributed', 'allreduce_grads',
+__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'SUMMARY_KIND', 'level_of', 'make_schedule', 'phase_at',
+           'worker_processes', 'TrainConfig', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'grow_networks',
+           'make_optimizers', 'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split',
+           'select_split', 'gan_training_split', 'gan_saw_split', 'RealImages', 'init_distributed', 'allreduce_grads',
            'broadcast_params', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
            'save_train_checkpoint', 'save_grid', 'plot_curves', 'NonFiniteLossError', 'launch_train', 'train',
            'gan_knobs', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
@@ -67,6 +67,40 @@ def worker_processes(processes) -> int:
     if n < 1: raise ValueError(f"processes must be 'auto' or a whole number >= 1, got {processes!r}")
     return n
 
+
+def _knob_error(k, v, need, default) -> ValueError:
+    return ValueError(f"{k}={v!r}: {need}; e.g. --set {k}={json.dumps(default)} (the paper's)")
+
+def _check_knobs(c) -> None:
+    "Every knob of a `TrainConfig` with a valid range, checked where it is set: one line naming the knob, the value and a valid one."
+    d = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in dataclasses.fields(c)}
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    number = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+    for k in ('latent_dim', 'fmap_base', 'fmap_max', 'keep_checkpoints', 'log_every', 'n_samples'):
+        if not whole(getattr(c, k)) or getattr(c, k) < 1: raise _knob_error(k, getattr(c, k), 'must be a whole number >= 1', d[k])
+    if not whole(c.workers) or c.workers < 0: raise _knob_error('workers', c.workers, 'must be a whole number >= 0', d['workers'])
+    if c.cpu_threads is not None and (not whole(c.cpu_threads) or c.cpu_threads < 1):
+        raise _knob_error('cpu_threads', c.cpu_threads, 'must be a whole number >= 1 (or null: all cores)', 4)
+    if c.channels not in (1, 3): raise _knob_error('channels', c.channels, 'must be 1 (grey) or 3 (grey read as RGB)', d['channels'])
+    from cxr_pggan.pggan import ARCHS
+    if c.arch not in ARCHS: raise _knob_error('arch', c.arch, f"must be one of {', '.join(ARCHS)}", d['arch'])
+    if not number(c.adam_eps) or c.adam_eps <= 0: raise _knob_error('adam_eps', c.adam_eps, 'must be a number > 0', d['adam_eps'])
+    if not number(c.checkpoint_kimg) or not (c.checkpoint_kimg == 0 or c.checkpoint_kimg >= 0.001):
+        raise _knob_error('checkpoint_kimg', c.checkpoint_kimg, 'must be 0 (only at phase ends) or >= 0.001 (one image)', d['checkpoint_kimg'])
+    if not number(c.sample_kimg) or not (c.sample_kimg == 0 or c.sample_kimg >= 0.001):
+        raise _knob_error('sample_kimg', c.sample_kimg, 'must be 0 (no periodic grids) or >= 0.001 (one image)', d['sample_kimg'])
+    for k in ('lambda_gp', 'drift'):
+        if not number(getattr(c, k)) or getattr(c, k) < 0: raise _knob_error(k, getattr(c, k), 'must be a number >= 0', d[k])
+    if not number(c.ema_beta) or not 0 <= c.ema_beta < 1: raise _knob_error('ema_beta', c.ema_beta, 'must be in [0, 1)', d['ema_beta'])
+    if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas): raise _knob_error('betas', c.betas, 'must be two numbers in [0, 1)', d['betas'])
+    if c.max_outputs_gib is not None and c.max_outputs_gib < 0:
+        raise _knob_error('max_outputs_gib', c.max_outputs_gib, 'must be >= 0 (or null: no cap)', 15.0)
+    if c.run is not None and (not isinstance(c.run, str) or c.run in ('', '.', '..') or '/' in c.run or '\\' in c.run or os.sep in c.run):
+        raise ValueError(f"--run {c.run!r} (knob run): a run name is one folder name inside the outputs folder (outputs/checkpoints/RUN), "
+                         "without '/', '\\' or '..'; e.g. --run my_run")
+    if c.resume_from and c.resume != 'auto':
+        raise ValueError(f"--resume {c.resume} with --resume-from {c.resume_from} (knobs resume, resume_from): --resume-from continues from the "
+                         "newest checkpoint it finds, which only --resume auto (the default) does; drop one of the two options")
 
 @dataclass
 class TrainConfig:
@@ -137,6 +171,7 @@ class TrainConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1: raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
         for k in ('kimg_stab', 'kimg_fade', 'kimg_last', 'lr'):
             if not getattr(self, k) > 0: raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
+        _check_knobs(self)
 
     @classmethod
     def from_params(cls, P: dict) -> 'TrainConfig':
@@ -267,9 +302,8 @@ def gan_training_split(generator) -> dict | None:
     if isinstance(generator, (str, Path)):
         from cxr_pggan.pggan import load_pretrained
         generator = dict(origin=load_pretrained(generator).meta.get('origin'))
-    origin = (generator or {}).get('origin') or {}
-    if isinstance(origin.get('train_split'), dict): return dict(origin['train_split'])
-    return dict(name='all', splits=None, sha256=None, images=None) if origin.get('trained_by') == 'cxr_pggan.train' else None
+    from cxr_pggan.pggan import origin_train_split
+    return origin_train_split((generator or {}).get('origin'))
 
 def gan_saw_split(trained: dict | None, split: str, splits=None) -> tuple[bool | None, str]:
     """`(seen, sentence)`: whether a GAN trained on `trained` (`gan_training_split`) saw the images of the split `split`
@@ -565,6 +599,10 @@ class _Run:
         self.df, self.split = select_split(every, cfg.splits, cfg.train_split)
         if self.io and not self.quiet and cfg.train_split != 'all':
             print(f"training on the {cfg.train_split!r} split of {cfg.splits}: {len(self.df)} of {len(every)} images", flush=True)
+        from cxr_pggan.data import check_image_sizes
+        with warnings.catch_warnings():
+            if not self.io: warnings.simplefilter('ignore')                  # every rank refuses; rank 0 warns
+            check_image_sizes(self.df['path'], cfg.resolution, f"the training images of {cfg.data}")
         self.reals = RealImages(self.df, cfg.resolution, self.net_cfg.channels, cache=cfg.cache_images, workers=cap_workers(cfg.workers),
                                 seed=cfg.seed, rank=self.rank, world=self.world, show_progress=self.io and not self.quiet)
 
@@ -716,7 +754,8 @@ class _Run:
                                                    split=self.split)
             write_provenance(self.last_ckpt, params=self.cfg.to_dict(), seed=self.cfg.seed, inputs=self._inputs(),
                              weights=None, extra=dict(kimg=st['images_shown'] / 1000, resolution=self.G.resolution, precision_used=self.prec.label,
-                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
+                                                      skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split),
+                             kind='training checkpoint')
             if self.cfg.max_outputs_gib:
                 root = outputs_dir(create=False)
                 root = root if self.ckpt_dir.resolve().is_relative_to(root.resolve()) else self.ckpt_dir.parent
@@ -806,7 +845,8 @@ class _Run:
                                        split=self.split))
             write_provenance(final, params=self.cfg.to_dict(), seed=self.cfg.seed, weights=None, inputs=self._inputs(),
                              extra=dict(kimg=st['images_shown'] / 1000, images=len(self.df), precision_used=self.prec.label,
-                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split))
+                                        skipped_steps=dict(D=st['skipped_D'], G=st['skipped_G']), train_split=self.split),
+                             kind='GAN model')
         lp = self.last_parts
         return dict(run=self.run, checkpoint_dir=str(self.ckpt_dir), sample_dir=str(self.sample_dir), final=str(final) if final else None,
                     last_checkpoint=str(self.last_ckpt) if self.last_ckpt else None, log_csv=str(self.log_csv),
@@ -903,6 +943,13 @@ def knobs_epilog(*sections: str, docs: dict | None = None) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/06_gan_train.ipynb #f865cda7
+SUMMARY_KIND = 'training summary'   # the provenance kind of `train --summary FILE`
+
+def _write_summary(path, out: dict, cfg: TrainConfig):
+    check_writable(path, kind=SUMMARY_KIND)
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(out, default=str))
+    write_provenance(path, params=cfg.to_dict(), seed=cfg.seed, kind=SUMMARY_KIND)
+
 def train_cli(argv: list[str]) -> int:
     from cxr_pggan.core import section_params, PROFILE_NAMES
     ap = CLIParser(prog='cxr-pggan train', description='Progressive WGAN-GP training (launch with torchrun for several GPUs).',
@@ -910,7 +957,7 @@ def train_cli(argv: list[str]) -> int:
     ap.add_argument('--profile', default='demo', choices=list(PROFILE_NAMES))
     ap.add_argument('--data', help="dataset: a folder in the NIH layout (images/ or images_0XX/images/ + Data_Entry_2017*.csv), 'nih' (data/nih) or 'phantom'; default: the profile's")
     ap.add_argument('--metadata', help='metadata CSV (default: Data_Entry_2017*.csv in --data)')
-    ap.add_argument('--run', help='run name: checkpoints in outputs/checkpoints/RUN, samples in outputs/samples/RUN (default: the profile\'s)')
+    ap.add_argument('--run', help='run name (one folder name, no / or ..): checkpoints in outputs/checkpoints/RUN, samples in outputs/samples/RUN (default: the profile\'s)')
     ap.add_argument('--resume', default=None, help="'auto' (newest checkpoint of the run, default), 'none', or a checkpoint path")
     ap.add_argument('--device'); ap.add_argument('--precision', choices=list(PRECISIONS), help="default: the profile's (paper: fp32; kaggle: auto)")
     ap.add_argument('--time-budget', help="e.g. 11h30m: checkpoint and stop cleanly (exit 0) before this much time has passed")
@@ -918,14 +965,14 @@ def train_cli(argv: list[str]) -> int:
     ap.add_argument('--compile', action='store_true', help='torch.compile G and D')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', default=[], help='override any knob listed below (JSON value)')
     ap.add_argument('--config', metavar='JSON', help='a TrainConfig as JSON (every field; the profile and the options above are ignored)')
-    ap.add_argument('--summary', metavar='JSON', help="write rank 0's summary here")
+    ap.add_argument('--summary', metavar='JSON', help="write rank 0's summary here (a new file, or one an earlier --summary wrote)")
     a = ap.parse_args(argv)
+    if a.summary: check_writable(a.summary, kind=SUMMARY_KIND)        # before any work
     if a.config:
         cfg = TrainConfig.from_params(json.loads(Path(a.config).read_text()))
         try: out = train(cfg)
         except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
-        if out['rank'] == 0 and a.summary:
-            with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
+        if out['rank'] == 0 and a.summary: _write_summary(a.summary, out, cfg)
         return 0
     over = dict(dataset=a.data, metadata=a.metadata, run=a.run, resume=a.resume, device=check_device(a.device),
                 precision=a.precision, compile=True if a.compile else None, time_budget=a.time_budget,
@@ -934,8 +981,7 @@ def train_cli(argv: list[str]) -> int:
     try: out = train(cfg)
     except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
     if out['rank'] == 0: print(json.dumps({k: out[k] for k in ('final', 'images_shown', 'steps', 'log_csv', 'world', 'device', 'precision', 'stopped')}))
-    if out['rank'] == 0 and a.summary:
-        with atomic_path(a.summary) as tmp: tmp.write_text(json.dumps(out))
+    if out['rank'] == 0 and a.summary: _write_summary(a.summary, out, cfg)
     return 0
 
 # %% ../nbs/06_gan_train.ipynb #239dfe19
@@ -1021,7 +1067,7 @@ def bench_gan_cli(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     res = bench_gan(a.resolutions, a.batch, a.iters, a.warmup, a.channels, a.precision, a.compile, check_device(a.device),
                     a.gen_batch, a.gen_iters, a.fmap_max, a.latent, checkpointing=dict(off=(False,), on=(True,), both=(False, True))[a.checkpointing])
-    from cxr_pggan.core import write_bench_json
+    from cxr_pggan.core import BENCH_KIND, write_bench_json
     res = write_bench_json(res, a.json)
     print(f"device: {res['device_name']} ({res['precision']}, channels_last={res['channels_last']}, compile={res['compile']})")
     print(f"{'res':>6} {'batch':>6} {'ckpt':>5} {'train img/s':>12} {'step ms':>9} {'peak GiB':>9} {'saved MiB':>10}")
@@ -1031,5 +1077,5 @@ def bench_gan_cli(argv: list[str]) -> int:
         pm = f"{r['peak_mem_gib']:.2f}" if r['peak_mem_gib'] is not None else '-'
         print(f"{r['resolution']:>6} {r['batch']:>6} {ck:>5} {r['train_img_per_s']:>12.1f} {r['step_ms']:>9.1f} {pm:>9} {r['saved_activations_mib']:>10.1f}")
     g = res['generate']; print(f"generator (EMA) at {g['resolution']}², batch {g['batch']}: {g['img_per_s']:.1f} img/s")
-    if a.json: write_provenance(a.json, params=vars(a), weights=None)
+    if a.json: write_provenance(a.json, params=vars(a), weights=None, kind=BENCH_KIND)
     return 0

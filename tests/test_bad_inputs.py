@@ -521,3 +521,174 @@ def test_train_unknown_train_split(ws):
               "train_split='tset'", 'no such split', 'known splits: test, train, val')
     assert not (w / 'outputs' / 'checkpoints' / 'badsplit').exists()
     assert '  train_split = "train" / "train" / "all"' in cli(w, 'train', '--help').stdout
+
+
+# ==== writers, distances and knobs: one rule for single output files, numerics that hold, one line per bad value ========
+# (a separate block, so that it merges cleanly with the rows above)
+
+@pytest.fixture(scope='module')
+def trained(ws):
+    "A GAN trained by `cxr-pggan train`: its final.pt and the provenance record that says cxr-pggan wrote it, as a GAN model."
+    r = cli(ws['root'], 'train', '--data', ws['user'], '--run', 'kinds_gan', *TINY)
+    assert r.returncode == 0, r.stderr[-1500:]
+    final = ws['root'] / 'outputs' / 'checkpoints' / 'kinds_gan' / 'final.pt'
+    assert final.is_file() and final.with_name('final.pt.provenance.json').is_file()
+    return final
+
+
+@pytest.mark.parametrize('verb', ['fid-json', 'bench-json', 'train-classifier', 'train-reid', 'study-export', 'phantom-grid',
+                                  'train-summary', 'convert-weights'])
+def test_single_file_writers_never_replace_another_kind(ws, trained, study_ws, verb):
+    "A trained GAN's final.pt (written by cxr-pggan, as a GAN) given to any other single-file writer: refused, unchanged."
+    w, f, sp = ws['root'], trained, ws['root'] / 'splits' / 'splits.csv'
+    before = tree(f.parent)
+    argv = {'fid-json': ['fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--allow-random-weights', '--kid-subsets', '0', '--json', f],
+            'bench-json': ['bench', 'split', '--metadata', ws['user'] / 'Data_Entry_2017.csv', '--repeats', '1', '--json', f],
+            'train-classifier': ['train-classifier', '--profile', 'smoke', '--data', ws['user'], '--out', f],
+            'train-reid': ['train-reid', '--train', ws['user'], '--holdout', ws['user'], '--splits', sp, '--holdout-split', 'test',
+                           '--steps', '1', '--out', f],
+            'study-export': ['study', 'export', study_ws, '--out', f],
+            'phantom-grid': ['phantom', '--out', w / 'ph_grid', '--n', '4', '--size', '64', '--grid', f],
+            'train-summary': ['train', '--data', ws['user'], '--run', 'sumkind', *TINY, '--summary', f],
+            'convert-weights': ['convert-weights', ws['gan'], f]}[verb]
+    one_error(cli(w, *argv), str(f), 'was written by cxr-pggan as a GAN model, not as a')
+    assert tree(f.parent) == before
+    if verb == 'phantom-grid': assert not (w / 'ph_grid' / 'images').exists()          # refused before anything was rendered
+
+
+@pytest.mark.parametrize('verb', ['phantom-grid', 'train-summary'])
+def test_grid_and_summary_never_overwrite_a_users_file(ws, tmp_path, verb):
+    f = tmp_path / 'mine.png'; f.write_bytes(b'a file of the user'); before = tree(f)
+    argv = dict(**{'phantom-grid': ['phantom', '--out', tmp_path / 'ph', '--n', '4', '--size', '64', '--grid', f],
+                   'train-summary': ['train', '--data', ws['user'], '--run', 'summine', *TINY, '--summary', f]})[verb]
+    one_error(cli(ws['root'], *argv), str(f), 'not written by cxr-pggan')
+    assert tree(f) == before
+
+
+def test_single_file_writers_replace_their_own_kind(ws, tmp_path):
+    "The same kind of output is replaced: a second `fid --json` and a second `train --summary` over their own files work."
+    w, j, s = ws['root'], tmp_path / 'r.json', tmp_path / 'summary.json'
+    for _ in range(2):
+        r = cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--allow-random-weights', '--kid-subsets', '0', '--json', j)
+        assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(j.with_name('r.json.provenance.json').read_text())['kind'] == 'fid result'
+    for _ in range(2):
+        r = cli(w, 'train', '--data', ws['user'], '--run', 'sumown', *TINY, '--summary', s)
+        assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(s.read_text())['final'] and json.loads(s.with_name('summary.json.provenance.json').read_text())['kind'] == 'training summary'
+
+
+def test_fid_of_a_set_against_itself_is_zero_not_minus_zero(ws):
+    r = cli(ws['root'], 'fid', '--real', ws['twelve'], '--fake', ws['twelve'], '--allow-random-weights', '--kid-subsets', '0')
+    assert r.returncode == 0 and 'FID 0.000 (N=3 vs N=3)' in r.stdout and '-0.000' not in r.stdout, r.stdout + r.stderr
+
+
+def test_kid_subsets_zero_skips_kid_or_is_refused(ws):
+    w = ws['root']
+    r = cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['small'], '--allow-random-weights', '--kid-subsets', '0')
+    assert r.returncode == 0 and 'FID ' in r.stdout and 'KID' not in r.stdout and 'nan' not in r.stdout, r.stdout
+    one_error(cli(w, 'fid', '--real', ws['kinds'], '--fake', ws['small'], '--allow-random-weights', '--metrics', 'fid,kid', '--kid-subsets', '0'),
+              '--kid-subsets 0', '--metrics', 'kid')
+
+
+def test_generate_into_its_own_folder_replaces_the_earlier_run(ws, tmp_path):
+    "--n 5 then --n 2 into one folder: 2 images beside a 2-row latents.npy (never 5 beside 2); a user's file there is kept."
+    w, out = ws['root'], tmp_path / 'gen'
+    assert cli(w, 'generate', '--checkpoint', ws['gan'], '--n', '5', '--out', out).returncode == 0
+    (out / 'notes.txt').write_text('mine')
+    r = cli(w, 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', out, '--seed', '1', '--force')
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert sorted(p.name for p in out.glob('*.png')) == ['synthetic_000000.png', 'synthetic_000001.png']
+    assert np.load(out / 'latents.npy').shape[0] == 2 and (out / 'notes.txt').read_text() == 'mine'
+    assert 'replaced' in cli(w, 'generate', '--help').stdout
+
+
+def test_generate_refuses_an_n_beyond_its_limit(ws, tmp_path):
+    t0 = time.time()
+    one_error(cli(ws['root'], 'generate', '--checkpoint', ws['gan'], '--n', '100000000', '--out', tmp_path / 'huge'), '--n 100000000', 'at most 1,000,000')
+    assert time.time() - t0 < 60 and not (tmp_path / 'huge').exists()
+
+
+def test_train_run_name_stays_inside_outputs(ws):
+    w = ws['root']
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', '../../escaped', *TINY), "--run '../../escaped'", 'inside the outputs folder')
+    assert not (w / 'escaped').exists() and not (w.parent / 'escaped').exists()
+
+
+def test_feature_cache_sees_a_replaced_image_of_the_same_size_and_mtime(ws, tmp_path):
+    "BMP files (their size depends on the shape only): one replaced, its mtime set back; the cached FID is the fresh one."
+    w, rng = ws['root'], np.random.default_rng(11)
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for d in (a, b):
+        d.mkdir()
+        for i in range(3): Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(d / f'{i}.bmp')
+    fid = lambda *x: cli(w, 'fid', '--real', a, '--fake', b, '--allow-random-weights', '--kid-subsets', '0', *x)
+    first = fid('--cache', tmp_path / 'cache')
+    assert first.returncode == 0, first.stderr[-1500:]
+    v = b / '0.bmp'; st = v.stat()
+    Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(v)
+    os.utime(v, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (v.stat().st_size, v.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    cached, fresh = fid('--cache', tmp_path / 'cache'), fid()
+    line = lambda r: next(l for l in r.stdout.splitlines() if l.startswith('FID'))
+    assert line(cached) == line(fresh) != line(first), (line(first), line(cached), line(fresh))
+
+
+@pytest.mark.parametrize('knob, value, needle', [('latent_dim', '0', 'latent_dim=0'), ('fmap_max', '-4', 'fmap_max=-4'), ('ema_beta', '1.5', 'ema_beta=1.5'),
+                                                 ('batch_sizes', '[0]', 'batch_sizes'), ('resolution', '48', 'power of two'),
+                                                 ('log_every', '0', 'log_every=0'), ('sample_kimg', '0.0001', 'sample_kimg=0.0001')])
+def test_train_knobs_out_of_range(ws, knob, value, needle):
+    one_error(cli(ws['root'], 'train', '--data', ws['user'], '--run', f'knob_{knob}', *TINY, '--set', f'{knob}={value}'), needle)
+    assert not (ws['root'] / 'outputs' / 'checkpoints' / f'knob_{knob}').exists()
+
+
+def test_contradicting_options_are_named(ws, tmp_path):
+    w = ws['root']
+    one_error(cli(w, 'train', '--data', ws['user'], '--run', 'rn', *TINY, '--resume', 'none', '--resume-from', tmp_path),
+              '--resume none', '--resume-from')
+    one_error(cli(w, 'split', '--metadata', ws['user'] / 'Data_Entry_2017.csv', '--out', tmp_path / 's', '--halves', '--fractions', '0.5', '0.5'),
+              '--halves', '--fractions')
+    assert not (tmp_path / 's').exists()
+
+
+def test_archive_that_cannot_converge_says_why(ws, tmp_path):
+    "A classifier whose thresholds no image reaches: one line naming the targets, the work done and what to change."
+    from cxr_pggan.classifier import load_classifier, save_classifier
+    clf = load_classifier(ws['clf']); clf.thresholds.fill_(1e6)
+    never = save_classifier(clf, tmp_path / 'never.pt')
+    line = one_error(cli(ws['root'], 'archive', '--generator', ws['gan'], '--classifier', never, '--n', '3', '--steps', '2', '--candidates', '1',
+                         '--max-attempts', '1', '--out', tmp_path / 'arch'), 'no target converges', '1 attempt(s) of 1 candidate latent(s) x 2 step(s)', '--steps')
+    assert 'internal error' not in line and 'Cardiomegaly' in line
+
+
+def test_tiny_images_are_refused_and_upsampling_is_named(ws, tmp_path):
+    import shutil
+    w = ws['root']
+    dot = tmp_path / 'dot'; shutil.copytree(ws['kinds'], dot); _png(dot / 'tiny.png', np.zeros((1, 1), np.uint8))
+    one_error(cli(w, 'fid', '--real', dot, '--fake', ws['kinds'], '--allow-random-weights', '--kid-subsets', '0'),
+              str(dot / 'tiny.png'), 'smaller than 8 px')
+    bad = tmp_path / 'bad'; shutil.copytree(ws['user'], bad); _png(bad / 'images' / '00000002_000.png', np.zeros((1, 1), np.uint8))
+    one_error(cli(w, 'train', '--data', bad, '--run', 'tiny', *TINY), '00000002_000.png', 'a 1×1 image')
+    small = tmp_path / 'small'; shutil.copytree(ws['user'], small); _png(small / 'images' / '00000002_000.png', np.zeros((8, 8), np.uint8) + 9)
+    r = cli(w, 'train', '--data', small, '--run', 'upsampled', *TINY)                # 8 px -> 8²: no warning
+    assert r.returncode == 0 and 'upsampled' not in r.stderr, r.stderr[-1500:]
+    r = cli(w, 'train', '--data', small, '--run', 'upsampled2', *TINY, '--set', 'resolution=64', '--set', 'kimg_last=0.016')   # 8 px -> 64²: 8x
+    assert r.returncode == 0 and '00000002_000.png' in r.stderr and 'upsampled more than 4x to 64²' in r.stderr, r.stderr[-1500:]
+
+
+def test_fid_cxr_is_labelled_by_the_classifier_it_used(ws, tmp_path):
+    r = cli(ws['root'], 'fid', '--real', ws['kinds'], '--fake', ws['kinds'], '--metrics', 'fid_cxr', '--classifier', ws['clf'], '--json', tmp_path / 'c.json')
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert 'discriminator' in r.stdout and 'DenseNet' not in r.stdout, r.stdout
+    assert 'discriminator' in json.loads((tmp_path / 'c.json').read_text())['extractors']['classifier']['label']
+
+
+def test_convert_weights_keeps_the_training_split(ws, trained, tmp_path):
+    import torch
+    w = ws['root']
+    assert cli(w, 'convert-weights', trained, tmp_path / 'conv.pt').returncode == 0
+    origin = torch.load(tmp_path / 'conv.pt', weights_only=True)['meta']['origin']
+    assert origin['train_split']['name'] == 'all' and origin['source_format']
+    assert cli(w, 'convert-weights', ws['gan'], tmp_path / 'conv_random.pt').returncode == 0      # a source that records none
+    assert torch.load(tmp_path / 'conv_random.pt', weights_only=True)['meta']['origin']['train_split'].startswith('unknown')
+    assert cli(w, 'convert-weights', trained, tmp_path / 'conv.pt').returncode == 0              # its own kind: replaced

@@ -153,3 +153,20 @@ def test_nih_without_pixels_is_metadata_only(tmp_path, monkeypatch):
     ds = E.resolve_dataset(P, images=None)
     assert ds.kind == 'nih' and not ds.has_images and len(ds.frame) == 112120
     with pytest.raises(FileNotFoundError, match='no images under'): E.resolve_dataset(P)
+
+
+def test_two_folders_of_one_name_keep_their_own_splits(tmp_path, monkeypatch):
+    "Two sites' folders both called 'cohort': each dataset's splits file is named by its identity, so neither overwrites the other."
+    monkeypatch.setenv('CXR_PGGAN_OUTPUTS', str(tmp_path / 'outputs'))
+    P = section_params('smoke', 'dataset')
+    meta = pd.read_csv(E.resolve_dataset(P, images=None).metadata)
+    folders = [tmp_path / site / 'cohort' for site in ('site_a', 'site_b')]
+    for k, f in enumerate(folders):
+        f.mkdir(parents=True); meta.iloc[k::2].to_csv(f / 'Data_Entry_2017.csv', index=False)
+    dss = [E.resolve_dataset(dict(P, dataset=str(f)), images=None) for f in folders]
+    paths = [E.dataset_splits(d, 'smoke', P['fractions'], P['split_seed'])[1] for d in dss]
+    assert paths[0] != paths[1] and all(p.parent.name.startswith('cohort-') and p.parent.name.endswith('_smoke') for p in paths)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    for d in dss: E.dataset_splits(d, 'smoke', P['fractions'], P['split_seed'])        # each read back, none rewritten
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    assert E.splits_name(dss[0]) == E.splits_name(E.resolve_dataset(dict(P, dataset=str(folders[0])), images=None))   # stable

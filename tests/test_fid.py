@@ -264,6 +264,7 @@ def test_classifier_features_standin_and_checkpoint(pngs, tmp_path):
     e = FE.load_extractor(f'classifier:{ck}')
     g = FE.extract_features(files[:2], e, batch_size=2)
     assert g.shape == (2, 1024) and e.meta['weights_sha256'] == FE.file_sha256(ck)
+    assert 'DenseNet-121 penultimate' in e.meta['label']                        # labelled by the classifier it is
     r = M.fid_result(g, g[::-1] + 0.1, e.meta, with_kid=False)
     assert str(r).startswith('FID_CXR') and 'clf.pt' in str(r)
 
@@ -344,3 +345,63 @@ def test_cli_metrics_and_classifier_features(two, tmp_path, capsys):
     assert set(rec['metrics']) == {'FID_CXR', 'KID_CXR', 'KID_CXR_std'}
     assert _fid('--real', two, '--fake', two, '--metrics', 'nope') == 2
     assert 'unknown metric' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('backend', ['numpy', 'torch'])
+def test_frechet_of_a_set_with_itself_is_exactly_zero(backend):
+    "Rounding leaves ±1e-13 where the distance is 0; every route returns +0.0 (never -0.0, which prints as -0.000)."
+    X = np.random.default_rng(7).standard_normal((50, 12)) * 1e3
+    s = M.FIDStats.from_features(X)
+    vals = [M.frechet_distance(s.mu, s.sigma, s.mu, s.sigma, backend), M.fid_from_features(X, X, backend),
+            M.frechet_from_factors(M.fid_factor(stats=s, backend=backend), M.fid_factor(stats=s, backend=backend), backend),
+            M.frechet_distance_sqrtm(s.mu, s.sigma, s.mu, s.sigma)]
+    assert all(v == 0.0 and np.copysign(1.0, v) == 1.0 for v in vals), vals
+    assert f"{M.FIDResult(-0.0, 2, 2).fid:.3f}" == '0.000'
+
+
+def _not_euclidean(n=9, seed=0):
+    A = np.random.default_rng(seed).random((n, n)) * 10
+    D = (A + A.T) ** 2; np.fill_diagonal(D, 0)                                  # squared distances: not a metric
+    J = np.eye(n) - 1 / n
+    assert np.linalg.eigvalsh(-0.5 * J @ D ** 2 @ J).min() < -1e3               # a large negative eigenvalue
+    return D
+
+
+def test_mds_of_a_non_euclidean_matrix_is_finite_and_deterministic():
+    for D in (np.array([[0, 1, 4], [1, 0, 1], [4, 1, 0.]]), _not_euclidean()):
+        e = FID.mds_embedding(D, seed=3)
+        assert e.shape == (len(D), 2) and np.isfinite(e).all()
+        assert np.array_equal(e, FID.mds_embedding(D, seed=3))
+    c = FID.classical_mds(_not_euclidean())
+    assert np.isfinite(c).all() and np.array_equal(c, FID.classical_mds(_not_euclidean()))
+
+
+def test_mds_speaks_both_scikit_learn_apis(monkeypatch):
+    "Old scikit-learn (`dissimilarity='precomputed'`, `metric=True`) and new (`metric='precomputed'`, `metric_mds=True`)."
+    import sklearn.manifold
+    seen = {}
+    class Old:
+        def __init__(self, n_components=2, *, metric=True, n_init=4, max_iter=300, verbose=0, eps=1e-3, n_jobs=None,
+                     random_state=None, dissimilarity='euclidean', normalized_stress='auto'): seen['old'] = dict(metric=metric, dissimilarity=dissimilarity, n_init=n_init)
+    monkeypatch.setattr(sklearn.manifold, 'MDS', Old)
+    FID._smacof(0)
+    assert seen['old'] == dict(metric=True, dissimilarity='precomputed', n_init=1)
+    monkeypatch.undo()
+    m = FID._smacof(0)
+    if 'metric_mds' in m.get_params(): assert m.get_params()['metric'] == 'precomputed' and m.get_params()['metric_mds'] is True
+    else: assert m.get_params()['dissimilarity'] == 'precomputed'
+
+
+def test_figure5_embeds_the_frechet_distance(monkeypatch):
+    "Figure 5's MDS and dendrogram read √FID (a metric), say so, and never fail on an FID matrix that is not Euclidean."
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    names = ['No Finding', 'Cardiomegaly', 'Effusion']
+    P = pd.DataFrame([[0, 1, 4], [1, 0, 1], [4, 1, 0.]], index=names, columns=names)   # FIDs of N(0), N(1), N(2): not Euclidean
+    got = {}
+    real = FID.mds_embedding
+    monkeypatch.setattr(FID, 'mds_embedding', lambda D, seed=0: got.setdefault('D', D) is not None and real(D, seed))
+    fig = FID.figure5(P, {n: 10 for n in names})
+    assert np.allclose(got['D'], np.sqrt(P.to_numpy()))
+    assert [a.get_title() for a in fig.axes[1:3]] == ['2-D metric MDS of √FID (Fréchet distance)', 'Hierarchical clustering (average linkage on √FID)']
+    assert fig.axes[2].get_xlabel() == '√FID (Fréchet distance)'
+    plt.close(fig)
