@@ -417,23 +417,50 @@ class CorruptFileError(ValueError):
     "A file that is truncated or corrupt (the message names it and what it should be)."
 
 # %% ../nbs/00_core.ipynb #ef7a5dbb
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C                  # torch.serialization.MAGIC_NUMBER: the first object of torch's legacy format
+
+def _torch_signature(path: Path) -> str | None:
+    """What `path` starts like among the files `torch.load` reads: 'zip' (`torch.save` since torch 1.6), 'legacy' (the
+    magic number pickled first, any protocol), 'tar' (torch < 0.4), or None: then it is no torch file at all."""
+    with open(path, 'rb') as f: head = f.read(512)
+    if head[:4] == b'PK\x03\x04': return 'zip'
+    if _TORCH_MAGIC.to_bytes(10, 'little') in head[:32] or str(_TORCH_MAGIC).encode() in head[:48]: return 'legacy'
+    if head[257:262] == b'ustar': return 'tar'
+    return None
+
+def _zip_damaged(path: Path) -> bool:
+    "Does a zip file fail its own CRC-32 checks (bytes changed since `torch.save` wrote it)?"
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z: return z.testzip() is not None
+    except Exception: return True
+
+def _why(e: BaseException) -> str:
+    "The first sentence of an exception's message on one line (with its type when the message alone says little)."
+    msg = ' '.join(str(e).split('.')[0].split())
+    return msg if msg and isinstance(e, (RuntimeError, OSError, EOFError)) else f'{type(e).__name__} {msg}'.strip()
+
 def torch_load(path: str | Path, what: str = 'checkpoint', verify: bool = True, pickled: str = 'refuse'):
     """`torch.load(path, weights_only=True)`; `CorruptFileError` for a truncated/corrupt file or a `payload_sha256` that
-    does not match the content. A file that really holds pickled classes is refused with a `ValueError`
-    (`pickled='refuse'`), or raises `pickle.UnpicklingError` for the caller to decide whether to trust it (`'raise'`)."""
+    does not match the content. A file that does not start like a torch file is never handed to torch (whose errors on
+    garbage vary: index, key, decode, struct errors): it is 'not a torch file'. A torch file that really holds pickled
+    classes is refused with a `ValueError` (`pickled='refuse'`), or raises `pickle.UnpicklingError` for the caller to
+    decide whether to trust it (`'raise'`)."""
     import pickle, torch
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such {what} file")
     bad = lambda why: CorruptFileError(f"{path} is not a readable {what} (truncated or corrupt): {why}; copy it again or use another file")
+    try: kind = _torch_signature(path)
+    except OSError as e: raise bad(_why(e)) from None
+    if kind is None: raise bad('the file is empty' if path.stat().st_size == 0 else 'not a torch file')
     try: obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'GLOBAL ' in str(e):                                      # pickled classes, not a damaged file
+        if 'GLOBAL ' in str(e) and not (kind == 'zip' and _zip_damaged(path)):   # pickled classes, not a changed byte
             if pickled == 'raise': raise
             raise ValueError(f"{path}: holds pickled Python objects, so it is not a {what}; cxr-pggan reads only plain tensor files") from None
-        raise bad('not a torch file') from None
-    except (RuntimeError, EOFError, IndexError, ValueError, OSError, KeyError) as e:
-        if isinstance(e, FileNotFoundError): raise
-        raise bad(' '.join(str(e).split('.')[0].split()) or type(e).__name__) from None
+        raise bad('its pickled data is damaged') from None
+    except FileNotFoundError: raise
+    except Exception as e: raise bad(_why(e)) from None           # whatever torch, zipfile or pickle raise on damaged bytes
     if verify and isinstance(obj, dict) and 'payload_sha256' in obj:
         want = obj.pop('payload_sha256')
         if payload_digest(obj) != want: raise bad('its content no longer matches the checksum written with it')
