@@ -521,3 +521,37 @@ def test_train_unknown_train_split(ws):
               "train_split='tset'", 'no such split', 'known splits: test, train, val')
     assert not (w / 'outputs' / 'checkpoints' / 'badsplit').exists()
     assert '  train_split = "train" / "train" / "all"' in cli(w, 'train', '--help').stdout
+
+
+# ---- reader study and privacy release: refusals added with the byte-length, answer-order and audited-bytes checks ------
+
+def test_release_refuses_an_archive_changed_after_its_audit(ws, tmp_path):
+    "A release copies only the bytes the audit scored: a new image, an overwritten one or a missing one is refused, naming them."
+    import shutil
+    w, u, sp = ws['root'], ws['user'], ws['root'] / 'splits' / 'splits.csv'
+    arch = tmp_path / 'archive'; shutil.copytree(ws['small'], arch)
+    r = cli(w, 'audit', '--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test', '--synthetic', arch, '--prdc-k', '2',
+            '--out', tmp_path / 'audit')
+    assert r.returncode == 0, r.stderr[-1500:]
+    flags = tmp_path / 'audit' / 'flags.csv'
+    assert pd.read_csv(flags)['sha256'].str.fullmatch('[0-9a-f]{64}').all()
+    train_img = sorted((u / 'images').glob('*.png'))[0]
+    variants = {}
+    variants['new'] = tmp_path / 'new'; shutil.copytree(arch, variants['new']); shutil.copy(train_img, variants['new'] / train_img.name)
+    variants['over'] = tmp_path / 'over'; shutil.copytree(arch, variants['over']); shutil.copy(train_img, variants['over'] / '1.png')
+    variants['many'] = tmp_path / 'many'; shutil.copytree(arch, variants['many']); (variants['many'] / '0.png').unlink()
+    for k in range(5): shutil.copy(train_img, variants['many'] / f'copy_{k}.png')
+    before = _protect(arch, tmp_path / 'audit', *variants.values())
+    expect = {'new': ['not the audited set', f'1 new image(s) the audit never scored ({train_img.name})', 'nothing was released',
+                      'audit this archive again'],
+              'over': ['not the audited set', '1 image(s) changed since the audit (1.png)', 'nothing was released'],
+              'many': ['5 new image(s) the audit never scored (copy_0.png, copy_1.png, copy_2.png, … (5 in all))',
+                       '1 audited image(s) missing (0.png)']}
+    for name, needles in expect.items():
+        one_error(cli(w, 'archive', '--exclude-flagged', flags, '--archive', variants[name], '--out', tmp_path / f'rel_{name}'),
+                  f'--exclude-flagged {flags}', str(variants[name]), *needles)
+        assert not (tmp_path / f'rel_{name}').exists()
+    assert _protect(arch, tmp_path / 'audit', *variants.values()) == before
+    r = cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel')                 # the untouched archive is released
+    assert r.returncode == 0 and 'released 3 of 3' in r.stdout, (r.stdout, r.stderr[-1500:])
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'rel' / 'images').iterdir()} == {p.name: p.read_bytes() for p in arch.iterdir()}
