@@ -248,7 +248,7 @@ def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolu
     training image shifted, each query rotated by the coarse angles) keeps the `shortlist` closest distinct training
     images of each query. Stage 2: each of them is aligned finely around its coarse match. Returns `dcr`, `index`,
     `shift` (dy, dx in pixels of `resolution`), `angle` (degrees) and `shortlist` (N, k: stage 1, closest first)."""
-    dev = _dev(device); R = int(resolution); g = alignment_grid(max_shift, max_rotation, R, size); T = train_filtered
+    dev = _dev(device); R = int(resolution); g = alignment_grid(max_shift, max_rotation, R, size); T = train_filtered.to(dev)   # once
     n, M = len(query_images), len(T); k = min(int(shortlist), M); A = len(g['angles'])
     refine_chunk = refine_chunk or (256 if dev.type == 'cuda' else 4)       # CPU: small blocks stay in the allocator's cache
     Q = query_images.float(); qv = torch.as_tensor(pixel_vectors(Q))
@@ -258,12 +258,11 @@ def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolu
     D = torch.full((n, k), math.inf, dtype=torch.float64); I = torch.zeros((n, k), dtype=torch.long); Mt = torch.zeros((n, k), dtype=torch.long)
     for o, (dy, dx) in enumerate(progress(g['coarse'], desc=desc and f'{desc}: coarse grid', unit='shift', disable=desc is None)):
         sh = torch.tensor([[[float(dx), float(dy)]]])
-        ref = torch.cat([warp_images(T[s:s + chunk].to(dev), R, sh.expand(len(T[s:s + chunk]), 1, 2), [0.0], size)[:, 0].cpu()
-                         for s in range(0, M, chunk)])
-        ref = (zscore(ref.reshape(M, 1, size, size)).flatten(1) / size).numpy()
+        ref = torch.cat([warp_images(T[s:s + chunk], R, sh.expand(len(T[s:s + chunk]), 1, 2), [0.0], size)[:, 0] for s in range(0, M, chunk)])
+        ref = zscore(ref.reshape(M, 1, size, size)).flatten(1) / size                       # stays on the device
         Ds, Is, Ms = [D], [I], [Mt]
         for ai in range(A):
-            d, i = nearest_neighbours(Qr[ai].numpy(), ref, k, chunk, device)
+            d, i = nearest_neighbours(Qr[ai], ref, k, chunk, dev)
             Ds.append(torch.as_tensor(d)); Is.append(torch.as_tensor(i)); Ms.append(torch.full_like(Is[-1], o * A + ai))
         D, I, Mt = _unique_topk(torch.cat(Ds, 1), torch.cat(Is, 1), torch.cat(Ms, 1), k)
     coarse = torch.tensor(g['coarse'], dtype=torch.float32)[:, [1, 0]]                       # (dx, dy)
@@ -275,11 +274,11 @@ def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolu
         cand, meta = I[s:e].reshape(-1), Mt[s:e].reshape(-1)
         theta = -torch.tensor(g['angles'])[meta % A]                   # a query rotated by a matches the training image rotated by -a
         sh = coarse[meta // A][:, None] + fine[None]                   # (m·k, S, 2)
-        X = torch.empty(m * k, FA * S, size * size)
+        X = torch.empty(m * k, FA * S, size * size, device=dev)
         for t in theta.unique().tolist():                              # one grid_sample per coarse angle
             sel = (theta == t).nonzero()[:, 0]
-            X[sel] = warp_images(T[cand[sel]].to(dev), R, sh[sel], (t + fa).tolist(), size).cpu()
-        v, j = _zdist(X.reshape(m, k * FA * S, -1), qv[s:e]).min(1)
+            X[sel.to(dev)] = warp_images(T[cand[sel].to(dev)], R, sh[sel], (t + fa).tolist(), size)
+        v, j = (u.cpu() for u in _zdist(X.reshape(m, k * FA * S, -1), qv[s:e].to(dev)).min(1))
         r, jt = torch.arange(m) * k + j // (FA * S), j % (FA * S)
         best[s:e], idx[s:e] = v.numpy(), cand[r].numpy()
         shift[s:e] = sh[r, jt % S][:, [1, 0]].numpy(); angle[s:e] = (theta[r] + fa[jt // S]).numpy()

@@ -552,6 +552,27 @@ def test_release_refuses_an_archive_changed_after_its_audit(ws, tmp_path):
                   f'--exclude-flagged {flags}', str(variants[name]), *needles)
         assert not (tmp_path / f'rel_{name}').exists()
     assert _protect(arch, tmp_path / 'audit', *variants.values()) == before
+    # an audit from before the hashes were recorded (no sha256 column; its audit.json matching that flags file)
+    old = tmp_path / 'audit_old'; shutil.copytree(tmp_path / 'audit', old)
+    pd.read_csv(old / 'flags.csv').drop(columns='sha256').to_csv(old / 'flags.csv', index=False)
+    rec = json.loads((old / 'audit.json').read_text()); rec['flags_sha256'] = hashlib.sha256((old / 'flags.csv').read_bytes()).hexdigest()
+    (old / 'audit.json').write_text(json.dumps(rec))
+    before_old = _protect(old, arch)
+    one_error(cli(w, 'archive', '--exclude-flagged', old / 'flags.csv', '--out', tmp_path / 'rel_old'), str(old / 'flags.csv'),
+              'did not record the sha256', 'run `cxr-pggan audit` again')
+    assert _protect(old, arch) == before_old and not (tmp_path / 'rel_old').exists()
     r = cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel')                 # the untouched archive is released
     assert r.returncode == 0 and 'released 3 of 3' in r.stdout, (r.stdout, r.stderr[-1500:])
     assert {p.name: p.read_bytes() for p in (tmp_path / 'rel' / 'images').iterdir()} == {p.name: p.read_bytes() for p in arch.iterdir()}
+
+
+@pytest.mark.parametrize('case', ['rotation-too-large', 'shift-too-large'])
+def test_audit_alignment_options(ws, tmp_path, case):
+    "The aligned DCR's options are checked before any image is read: one line naming the option, the value and the range."
+    w, u, sp = ws['root'], ws['user'], ws['root'] / 'splits' / 'splits.csv'
+    before = _protect(u, ws['small'])
+    opt, needles = {'rotation-too-large': (['--max-rotation', '20'], ['--max-rotation 20.0', 'degrees in [0, 15]']),
+                    'shift-too-large': (['--max-shift', '0.3'], ['--max-shift 0.3', '[0, 0.25)'])}[case]
+    one_error(cli(w, 'audit', '--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test', '--synthetic', ws['small'],
+                  '--out', tmp_path / 'out', *opt), *needles)
+    assert _protect(u, ws['small']) == before and not (tmp_path / 'out').exists()

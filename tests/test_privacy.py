@@ -118,3 +118,49 @@ def test_shortlist_recall_on_planted_copies(tmp_path, phantom_sets):
     assert (r['index'] == src).all()
     full = aligned_dcr(Q, Tf, 128, 32, shortlist=len(T), desc=None)                   # every training image aligned finely
     assert np.allclose(full['dcr'], r['dcr'], atol=1e-9) and (full['index'] == r['index']).all()
+
+
+def _tiny_audit_sets(root):
+    "Smooth random 'radiographs': 12 training and 12 held-out images of other patients (NIH names), 4 synthetic."
+    import torch
+    from PIL import Image
+    from cxr_pggan.features import resize_to
+    g = torch.Generator().manual_seed(0)
+    x = (resize_to(torch.rand(28, 1, 6, 6, generator=g), 48)[:, 0].numpy() * 255).astype(np.uint8)
+    for d, names in (('train', [f'{i:08d}_000.png' for i in range(12)]), ('holdout', [f'{i:08d}_000.png' for i in range(50, 62)]),
+                     ('syn', [f's{i}.png' for i in range(4)])):
+        (root / d).mkdir()
+        for n in names: Image.fromarray(x[len(list(root.glob('*/*.png')))]).save(root / d / n)
+    return root / 'train', root / 'holdout', root / 'syn'
+
+
+def test_audit_stops_when_an_image_changes_while_it_is_read(tmp_path, monkeypatch):
+    "The sha256 recorded for an image must be of the bytes scored: an image whose size/mtime changed during the audit stops it."
+    import cxr_pggan.privacy as P
+    tr, ho, syn = _tiny_audit_sets(tmp_path)
+    seen = {}
+    real_stat = P._stat
+    def stat(p):                                            # the second look at s2.png sees another file
+        seen[str(p)] = seen.get(str(p), 0) + 1
+        st = real_stat(p)
+        return (st[0] + 1, st[1]) if Path(p).name == 's2.png' and seen[str(p)] > 1 else st
+    monkeypatch.setattr(P, '_stat', stat)
+    with pytest.raises(OSError, match=r'--synthetic .*: 1 image\(s\) changed while the audit read them \(s2.png\)'):
+        P.audit(tr, ho, syn, tmp_path / 'audit', pixel_size=16, prdc_k=2, verbose=False)
+    assert not (tmp_path / 'audit' / 'flags.csv').exists()
+
+
+def test_release_stops_when_an_image_changes_during_the_copy(tmp_path, monkeypatch):
+    "Bytes that change between the check and the copy are not released: the copy is hashed again."
+    import shutil as sh
+    import cxr_pggan.privacy as P
+    tr, ho, syn = _tiny_audit_sets(tmp_path)
+    P.audit(tr, ho, syn, tmp_path / 'audit', pixel_size=16, prdc_k=2, verbose=False)
+    real_copy = sh.copyfile
+    def copy(src, dst):                                     # s1.png is rewritten by someone just as it is copied
+        real_copy(src, dst)
+        if Path(src).name == 's1.png': Path(dst).write_bytes(Path(dst).read_bytes() + b'x')
+    monkeypatch.setattr(P.shutil, 'copyfile', copy)
+    with pytest.raises(ValueError, match=r's1.png changed while the release was being copied'):
+        P.release_archive(tmp_path / 'audit' / 'flags.csv', tmp_path / 'release')
+    assert not (tmp_path / 'release' / 'images' / 's1.png').exists() and not (tmp_path / 'release' / 'release.json').exists()
