@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_privacy.ipynb #9176d6c0
 from __future__ import annotations
-import json, math, re, shutil, time, warnings
+import json, math, os, re, shutil, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
@@ -19,10 +19,11 @@ from .features import (ImageFiles, collate_images, default_device, image_paths, 
 # %% auto #0
 __all__ = ['NIH_NAME', 'ESTIMATES', 'REID_FORMAT', 'REID_MAX_INPUT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore',
            'load_grey', 'pixel_vectors', 'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets',
-           'translation_dcr', 'prdc', 'dcr_percentile', 'tail_threshold', 'crossfit_rate', 'reid_input_size', 'ReidNet',
-           'pair_scores', 'verification', 'train_reid', 'save_reid', 'load_reid', 'perturb', 'plant_copies',
-           'audit_folder', 'audit', 'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli',
-           'train_reid_cli', 'release_cli', 'bench_privacy_cli', 'feature_knob', 'planted_rates']
+           'translation_dcr', 'prefilter', 'warp_images', 'alignment_grid', 'aligned_dcr', 'prdc', 'dcr_percentile',
+           'tail_threshold', 'crossfit_rate', 'reid_input_size', 'ReidNet', 'pair_scores', 'verification', 'train_reid',
+           'save_reid', 'load_reid', 'perturb', 'plant_copies', 'audit_folder', 'fingerprints', 'audit',
+           'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli', 'train_reid_cli', 'release_cli',
+           'bench_dcr', 'bench_privacy_cli', 'feature_knob', 'planted_rates']
 
 # %% ../nbs/14_privacy.ipynb #347b8fcb
 NIH_NAME = re.compile(r'^(\d{8})_(\d{3})\.\w+$')
@@ -156,7 +157,8 @@ def shift_offsets(max_shift: float, resolution: int) -> list[tuple[int, int]]:
 def translation_dcr(queries, train_images: torch.Tensor, size: int, max_shift: float = 0.025, chunk: int = 4096,
                     device=None, desc: str | None = 'DCR') -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distance of each pixel-space vector in `queries` (N, size²) to its nearest training image over every shift of
-    `shift_offsets(max_shift, R)`, with `train_images` (M, 1, R, R) grey at R ≥ size: (distance, index, offset index)."""
+    `shift_offsets(max_shift, R)`, with `train_images` (M, 1, R, R) grey at R ≥ size: (distance, index, offset index).
+    Exhaustive over whole-pixel shifts only (the audit's previous DCR; `aligned_dcr` is the audit's now)."""
     dev = _dev(device); T = train_images.to(dev); R = T.shape[-1]
     Q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
     best = np.full(len(Q), np.inf); idx = np.zeros(len(Q), np.int64); off = np.zeros(len(Q), np.int64)
@@ -168,6 +170,120 @@ def translation_dcr(queries, train_images: torch.Tensor, size: int, max_shift: f
         u = d[:, 0] < best
         best[u], idx[u], off[u] = d[u, 0], i[u, 0], k
     return best, idx, off
+
+# %% ../nbs/14_privacy.ipynb #f9d9c0ed
+def _aa_kernel(factor: float, corners: bool) -> torch.Tensor:
+    "Weights of `resize_to`'s antialiasing triangle for a reduction by `factor`, at pixel offsets (corners: ±½, ±1½, …)."
+    d = torch.arange(-math.ceil(factor) + (0.5 if corners else 1.0), math.ceil(factor), 1.0)
+    w = (1 - d.abs() / max(factor, 1.0)).clamp(min=0); w = w[w > 0]
+    return w / w.sum()
+
+def prefilter(x: torch.Tensor, size: int, chunk: int = 4096, dtype=None) -> torch.Tensor:
+    """Images (N, 1, R, R) low-passed as `resize_to(x, size)` does, kept at full resolution so that they can be moved and
+    rotated before being sampled at size² (`warp_images`). When R/size is an even whole number the result is sampled at
+    pixel corners ((N, 1, R+1, R+1): the points every whole-pixel shift samples), else at pixel centres (N, 1, R, R)."""
+    R = x.shape[-1]; f = R / size; corners = f == int(f) and int(f) % 2 == 0
+    k = _aa_kernel(f, corners).to(x.device, torch.float32); r = len(k) // 2
+    out = []
+    for s in range(0, len(x), chunk):
+        y = F.pad(x[s:s + chunk].float(), (r, r, r, r), mode='replicate')
+        out.append(F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1)).to(dtype or x.dtype))
+    return torch.cat(out) if out else x.new_zeros((0, 1, R + corners, R + corners))
+
+def _grid(size: int, angles, device=None) -> torch.Tensor:
+    "Output pixel centres of a size² image in `grid_sample` coordinates, rotated about the centre by each angle (degrees): (A, size², 2)."
+    u = (2 * torch.arange(size, dtype=torch.float32, device=device) + 1) / size - 1
+    v, u = torch.meshgrid(u, u, indexing='ij'); b = torch.stack([u.reshape(-1), v.reshape(-1)], -1)
+    a = torch.deg2rad(torch.as_tensor(angles, dtype=torch.float32, device=device).reshape(-1)); c, s = torch.cos(a)[:, None], torch.sin(a)[:, None]
+    return torch.stack([c * b[:, 0] - s * b[:, 1], s * b[:, 0] + c * b[:, 1]], -1)
+
+def warp_images(Xf: torch.Tensor, resolution: int, shifts: torch.Tensor, angles, size: int) -> torch.Tensor:
+    """Images `Xf` of `resolution`² prefiltered for `size` (`prefilter`), each sampled at size² under A·S transforms:
+    rotated by `angles[a]` degrees about the centre, then moved by `shifts[:, s]` = (dx, dy) pixels of `resolution`
+    (edge-replicated, as `shift_image`). `shifts` (n, S, 2); returns (n, A·S, size²) float32, angle-major."""
+    n, R = len(Xf), int(resolution); corners = Xf.shape[-1] == R + 1
+    g = _grid(size, angles, Xf.device)[None, :, None] - (2 / R) * shifts.to(Xf.device, torch.float32)[:, None, :, None, :]
+    L = g.shape[1] * g.shape[2]
+    out = F.grid_sample(Xf.float(), g.reshape(n, L * size, size, 2), mode='bilinear', padding_mode='border', align_corners=corners)
+    return out.reshape(n, L, size * size)
+
+def _zdist(X: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The `pixel_vectors` distance between raw images X (m, L, P) and pixel vectors q (m, P), in float64, from x·q, the
+    mean and the standard deviation of each x (no z-scored copy of the m·L images)."""
+    X, q = X.double(), q.double(); P = X.shape[-1]
+    mean = X.mean(-1); sd = ((X * X).mean(-1) - mean * mean).clamp(min=0).sqrt()
+    xq = torch.bmm(X, q[:, :, None])[..., 0]
+    d2 = (q * q).sum(-1, keepdim=True) + sd ** 2 / (sd + eps) ** 2 - 2 * (xq - mean * q.sum(-1, keepdim=True)) / ((sd + eps) * math.sqrt(P))
+    return d2.clamp(min=0).sqrt()
+
+def _unique_topk(D: torch.Tensor, I: torch.Tensor, M: torch.Tensor, k: int):
+    "Per row, the k smallest distances D among distinct indices I (each index at its smallest distance), with their metadata M."
+    D, o = torch.sort(D, dim=1, stable=True); I, M = I.gather(1, o), M.gather(1, o)
+    W = D.shape[1]; pos = torch.arange(W).expand_as(I)
+    o2 = (I * W + pos).argsort(1); Is = I.gather(1, o2)
+    first = torch.ones_like(Is, dtype=torch.bool); first[:, 1:] = Is[:, 1:] != Is[:, :-1]
+    D = torch.where(torch.zeros_like(first).scatter(1, o2, first), D, torch.full_like(D, math.inf))
+    D, o = torch.sort(D, dim=1, stable=True)
+    return D[:, :k], I.gather(1, o)[:, :k], M.gather(1, o)[:, :k]
+
+def alignment_grid(max_shift: float, max_rotation: float, resolution: int, size: int) -> dict:
+    """The transforms of `aligned_dcr` for training images at `resolution`² compared at `size`²: coarse shifts every
+    `step` pixels of `resolution` (½ pixel of the pixel space), far enough that coarse + fine reach ±`max_shift` of the
+    size; coarse angles every 2° up to ±`max_rotation`; fine shifts every ½ pixel of `resolution` between coarse ones,
+    fine angles ±1° around the coarse one."""
+    step = max(1, int(round(resolution / size / 2))); h = step / 2
+    J = max(0, int(math.ceil((max_shift * resolution - h) / step - 1e-9)))
+    coarse = sorted([(step * a, step * b) for a in range(-J, J + 1) for b in range(-J, J + 1)], key=lambda o: o != (0, 0))    # (dy, dx)
+    fv = np.arange(-h, h + 1e-9, 0.5).tolist()
+    K = int(math.floor(max_rotation / 2 + 1e-9)) if max_rotation > 0 else 0
+    return dict(step=step, coarse=coarse, fine=[(x, y) for y in fv for x in fv],                                             # fine: (dx, dy)
+                angles=sorted([2.0 * a for a in range(-K, K + 1)], key=abs), fine_angles=[-1.0, 0.0, 1.0] if max_rotation >= 1 else [0.0])
+
+def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolution: int, size: int, max_shift: float = 0.05,
+                max_rotation: float = 3.0, shortlist: int = 8, chunk: int = 4096, refine_chunk: int | None = None, device=None,
+                desc: str | None = 'DCR') -> dict:
+    """Distance of each query image (N, 1, size, size) to its nearest training image (`train_filtered`: M images of
+    `resolution`², `prefilter`ed for `size`), the training image moved by up to `max_shift` of its size and rotated by
+    up to `max_rotation` degrees. Stage 1, exact over every training image: the coarse grid of `alignment_grid` (every
+    training image shifted, each query rotated by the coarse angles) keeps the `shortlist` closest distinct training
+    images of each query. Stage 2: each of them is aligned finely around its coarse match. Returns `dcr`, `index`,
+    `shift` (dy, dx in pixels of `resolution`), `angle` (degrees) and `shortlist` (N, k: stage 1, closest first)."""
+    dev = _dev(device); R = int(resolution); g = alignment_grid(max_shift, max_rotation, R, size); T = train_filtered.to(dev)   # once
+    n, M = len(query_images), len(T); k = min(int(shortlist), M); A = len(g['angles'])
+    refine_chunk = refine_chunk or (256 if dev.type == 'cuda' else 4)       # CPU: small blocks stay in the allocator's cache
+    Q = query_images.float(); qv = torch.as_tensor(pixel_vectors(Q))
+    rot = lambda a: F.grid_sample(Q, _grid(size, [a]).reshape(1, size, size, 2).expand(n, -1, -1, -1), mode='bilinear',
+                                  padding_mode='border', align_corners=False)
+    Qr = [qv if a == 0 else torch.as_tensor(pixel_vectors(rot(a))) for a in g['angles']]
+    D = torch.full((n, k), math.inf, dtype=torch.float64); I = torch.zeros((n, k), dtype=torch.long); Mt = torch.zeros((n, k), dtype=torch.long)
+    for o, (dy, dx) in enumerate(progress(g['coarse'], desc=desc and f'{desc}: coarse grid', unit='shift', disable=desc is None)):
+        sh = torch.tensor([[[float(dx), float(dy)]]])
+        ref = torch.cat([warp_images(T[s:s + chunk], R, sh.expand(len(T[s:s + chunk]), 1, 2), [0.0], size)[:, 0] for s in range(0, M, chunk)])
+        ref = zscore(ref.reshape(M, 1, size, size)).flatten(1) / size                       # stays on the device
+        Ds, Is, Ms = [D], [I], [Mt]
+        for ai in range(A):
+            d, i = nearest_neighbours(Qr[ai], ref, k, chunk, dev)
+            Ds.append(torch.as_tensor(d)); Is.append(torch.as_tensor(i)); Ms.append(torch.full_like(Is[-1], o * A + ai))
+        D, I, Mt = _unique_topk(torch.cat(Ds, 1), torch.cat(Is, 1), torch.cat(Ms, 1), k)
+    coarse = torch.tensor(g['coarse'], dtype=torch.float32)[:, [1, 0]]                       # (dx, dy)
+    fine, fa = torch.tensor(g['fine'], dtype=torch.float32), torch.tensor(g['fine_angles'])
+    S, FA = len(fine), len(fa)
+    best = np.full(n, np.inf); idx = np.zeros(n, np.int64); shift = np.zeros((n, 2)); angle = np.zeros(n)
+    for s in progress(range(0, n, refine_chunk), desc=desc and f'{desc}: refine', unit='chunk', disable=desc is None):
+        e = min(n, s + refine_chunk); m = e - s
+        cand, meta = I[s:e].reshape(-1), Mt[s:e].reshape(-1)
+        theta = -torch.tensor(g['angles'])[meta % A]                   # a query rotated by a matches the training image rotated by -a
+        sh = coarse[meta // A][:, None] + fine[None]                   # (m·k, S, 2)
+        X = torch.empty(m * k, FA * S, size * size, device=dev)
+        for t in theta.unique().tolist():                              # one grid_sample per coarse angle
+            sel = (theta == t).nonzero()[:, 0]
+            X[sel.to(dev)] = warp_images(T[cand[sel].to(dev)], R, sh[sel], (t + fa).tolist(), size)
+        v, j = (u.cpu() for u in _zdist(X.reshape(m, k * FA * S, -1), qv[s:e].to(dev)).min(1))
+        r, jt = torch.arange(m) * k + j // (FA * S), j % (FA * S)
+        best[s:e], idx[s:e] = v.numpy(), cand[r].numpy()
+        shift[s:e] = sh[r, jt % S][:, [1, 0]].numpy(); angle[s:e] = (theta[r] + fa[jt // S]).numpy()
+    return dict(dcr=best, index=idx, shift=shift, angle=angle, shortlist=I.numpy())
+
 
 # %% ../nbs/14_privacy.ipynb #b0b69184
 def prdc(real, fake, k: int = 5, chunk: int = 4096, device=None) -> dict:
@@ -349,44 +465,60 @@ def load_reid(path: str | Path) -> tuple[ReidNet, dict]:
     return m.eval(), dict(resolution=rec['resolution'], path=str(path), sha256=file_sha256(path), **rec['record'])
 
 # %% ../nbs/14_privacy.ipynb #b4c80d41
-def perturb(img: np.ndarray, size: int, dx: int = 0, dy: int = 0, gain: float = 1.0, noise: float = 0.0,
-            rng: np.random.Generator | None = None) -> np.ndarray:
-    "uint8 (size, size) copy of a grey image `img` in [0, 1]: shifted by (dx, dy) px (edge-replicated), times `gain`, resized, plus noise."
-    h, w = img.shape; m = max(abs(dx), abs(dy))
-    p = np.pad(img, m, mode='edge') if m else img
-    x = p[m - dy:m - dy + h, m - dx:m - dx + w] * gain
-    x = resize_to(torch.as_tensor(np.clip(x, 0, 1), dtype=torch.float32)[None, None], size)[0, 0].numpy()
+def perturb(img: np.ndarray, size: int, dx: float = 0, dy: float = 0, gain: float = 1.0, noise: float = 0.0,
+            rng: np.random.Generator | None = None, angle: float = 0.0) -> np.ndarray:
+    """uint8 (size, size) copy of a grey image `img` in [0, 1]: moved by (dx, dy) px (edge-replicated; fractions by bilinear
+    interpolation) and turned by `angle` degrees about its centre, times `gain`, resized, plus noise."""
+    h, w = img.shape
+    if angle == 0 and float(dx).is_integer() and float(dy).is_integer():
+        dx, dy = int(dx), int(dy); m = max(abs(dx), abs(dy))
+        p = np.pad(img, m, mode='edge') if m else img
+        x = p[m - dy:m - dy + h, m - dx:m - dx + w]
+    else:
+        a = math.radians(angle)
+        theta = torch.tensor([[[math.cos(a), -math.sin(a), -2 * dx / w], [math.sin(a), math.cos(a), -2 * dy / h]]], dtype=torch.float32)
+        t = torch.as_tensor(img, dtype=torch.float32)[None, None]
+        x = F.grid_sample(t, F.affine_grid(theta, t.shape, align_corners=False), padding_mode='border', align_corners=False)[0, 0].numpy()
+    x = resize_to(torch.as_tensor(np.clip(x * gain, 0, 1), dtype=torch.float32)[None, None], size)[0, 0].numpy()
     if noise: x = x + (rng or np.random.default_rng()).normal(0, noise, x.shape)
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 def plant_copies(train: pd.DataFrame, others: pd.DataFrame, gan_files, out: str | Path, size: int, n_planted: int,
-                 n_others: int | None = None, shift: int = 3, brightness: float = 0.05, noise: float = 2 / 255, seed: int = 0,
-                 force: bool = False) -> pd.DataFrame:
+                 n_others: int | None = None, shift: float = 0.05, brightness: float = 0.05, noise: float = 2 / 255,
+                 rotation: float = 3.0, n_rotated: int | None = None, seed: int = 0, force: bool = False) -> pd.DataFrame:
     """Write a test archive to `out/images`: the genuine generated images `gan_files`, `n_planted` perturbed copies of
-    training images (±`shift` px in x and y, gain 1 ± `brightness`, noise σ, resize to `size`) and `n_others` images of
-    other patients resized to `size` alone. Returns (and writes as `truth.csv`) what each file is."""
+    training images (moved by up to ±`shift` of the image size in x and y, uniformly and by fractions of a pixel, gain
+    1 ± `brightness`, noise σ, resized to `size`; `n_rotated` of them (default a quarter) also turned by `rotation`/2 to
+    `rotation` degrees either way: kind 'planted rotated') and `n_others` images of other patients resized to `size` alone.
+    Returns (and writes as `truth.csv`) what each file is."""
     from cxr_pggan.data import read_image
     out = Path(out); claim_folder(out, 'privacy planted copies', force=force)
     rng = np.random.default_rng(seed); rows = []
     pick = train.iloc[np.sort(rng.choice(len(train), min(n_planted, len(train)), replace=False))]
+    n_rot = len(pick) // 4 if n_rotated is None else min(int(n_rotated), len(pick))
+    turned = set(rng.choice(len(pick), n_rot, replace=False).tolist()) if rotation and n_rot else set()
     oth = others if n_others is None else others.iloc[np.sort(rng.choice(len(others), min(n_others, len(others)), replace=False))]
     todo = []
-    for f in gan_files: todo.append(('generated', Path(f), None, 0, 0, 1.0))
-    for _, r in pick.iterrows():
-        todo.append(('planted', Path(r['path']), r['Image Index'], int(rng.choice([-shift, shift])), int(rng.choice([-shift, shift])),
-                     float(1 + rng.choice([-brightness, brightness]))))
-    for _, r in oth.iterrows(): todo.append(('other patient', Path(r['path']), r['Image Index'], 0, 0, 1.0))
+    for f in gan_files: todo.append(('generated', Path(f), None, 0.0, 0.0, 1.0, 0.0))
+    for j, (_, r) in enumerate(pick.iterrows()):
+        with Image.open(r['path']) as im: side = min(im.size)
+        dx, dy = (float(v) for v in rng.uniform(-shift, shift, 2) * side)
+        ang = float(rng.choice([-1, 1]) * rng.uniform(rotation / 2, rotation)) if j in turned else 0.0
+        todo.append(('planted rotated' if ang else 'planted', Path(r['path']), r['Image Index'], round(dx, 3), round(dy, 3),
+                     float(1 + rng.choice([-brightness, brightness])), round(ang, 3)))
+    for _, r in oth.iterrows(): todo.append(('other patient', Path(r['path']), r['Image Index'], 0.0, 0.0, 1.0, 0.0))
     paths = [out / 'images' / f'synthetic_{i:06d}.png' for i in range(len(todo))]
     check_all_writable(paths + [out / 'truth.csv'], out)
-    for p, (kind, src, name, dx, dy, gain) in zip(paths, todo):
+    for p, (kind, src, name, dx, dy, gain, ang) in zip(paths, todo):
         img = read_image(src)
         if kind == 'generated' and img.shape[0] == size: a = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-        else: a = perturb(img, size, dx, dy, gain, noise if kind == 'planted' else 0.0, rng)
+        else: a = perturb(img, size, dx, dy, gain, noise if kind.startswith('planted') else 0.0, rng, ang)
         with atomic_path(p) as tmp: Image.fromarray(a).save(tmp, format='PNG')
-        rows.append({'Image Index': p.name, 'kind': kind, 'source': name if name else src.name, 'dx': dx, 'dy': dy, 'gain': gain})
+        rows.append({'Image Index': p.name, 'kind': kind, 'source': name if name else src.name, 'dx': dx, 'dy': dy, 'angle': ang, 'gain': gain})
     truth = pd.DataFrame(rows)
     with atomic_path(out / 'truth.csv') as tmp: truth.to_csv(tmp, index=False)
-    write_provenance(out / 'truth.csv', params=dict(size=size, n_planted=n_planted, shift=shift, brightness=brightness, noise=noise, seed=seed))
+    write_provenance(out / 'truth.csv', params=dict(size=size, n_planted=n_planted, shift=shift, brightness=brightness, noise=noise,
+                                                    rotation=rotation, n_rotated=n_rot, seed=seed))
     return truth
 
 # %% ../nbs/14_privacy.ipynb #b79620a8
@@ -394,6 +526,21 @@ def audit_folder(synthetic: str | Path) -> Path:
     "The default output folder of an audit of `synthetic`: its sibling `<name>_audit`."
     p = Path(synthetic)
     return p.with_name(p.name + '_audit') if p.suffix.lower() != '.csv' else p.with_name(p.stem + '_audit')
+
+def _few(names, n: int = 3) -> str:
+    "The first `n` names and how many there are in all, for a one-line message."
+    names = list(names)
+    return ', '.join(map(str, names[:n])) + (f', … ({len(names)} in all)' if len(names) > n else '')
+
+def _stat(path) -> tuple[int, int]:
+    st = os.stat(path); return (st.st_size, st.st_mtime_ns)
+
+def fingerprints(paths, desc: str | None = None) -> list[tuple[str, tuple[int, int]]]:
+    "sha256 of every file (what an audit scored) and its (size, mtime) taken before hashing, to see it did not change while read."
+    out = []
+    for p in progress(list(paths), desc=desc, unit='img', disable=desc is None):
+        st = _stat(p); out.append((file_sha256(p), st))
+    return out
 
 def _describe(paths) -> dict:
     "Stored resolution (most common of the first images) and channels of an image set."
@@ -412,7 +559,8 @@ def _reid_scores(model: ReidNet, E_query: np.ndarray, E_ref: np.ndarray, chunk: 
 FLAG_SPACES = ('pixels', 'features', 'either')
 
 def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', reid=None, splits=None, train_split: str | None = None,
-          holdout_split: str | None = None, pixel_size: int = 32, max_shift: float = 0.025, oversample: int = 4, quantile: float = 0.01, estimate: str = 'fit', flag_space: str = 'pixels', prdc_k: int = 5,
+          holdout_split: str | None = None, pixel_size: int = 32, max_shift: float = 0.05, max_rotation: float = 3.0, shortlist: int = 8,
+          oversample: int = 4, quantile: float = 0.01, estimate: str = 'fit', flag_space: str = 'pixels', prdc_k: int = 5,
           batch_size: int = 64, workers: int = 0, chunk: int = 4096, device=None, inception_weights=None,
           allow_random_weights: bool = False, n_pairs: int = 8, force: bool = False, seed: int = 0, verbose: bool = True) -> dict:
     """Privacy audit of the images `synthetic` against the training images `train`, with `holdout` (other patients) as
@@ -447,15 +595,18 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
     claim_folder(out, 'audit', force=force)
     check_all_writable([out / n for n in names] + [out / (n + '.provenance.json') for n in names], out)
     sizes = ', '.join(f"{k} {len(d)} images {v['width']}×{v['height']} {v['mode']}" for (k, v), d in zip(info.items(), (tr, ho, sy)))
-    space_note = (f"pixel space {ps}² grey (channel mean), antialiased downsampling, z-scored per image; training images shifted by up to "
-                  f"{100 * max_shift:g} % of their size ({sizes})")
+    space_note = (f"pixel space {ps}² grey (channel mean), antialiased downsampling, z-scored per image; training images moved by up to "
+                  f"{100 * max_shift:g} % of their size and turned by up to {max_rotation:g}° (exact coarse search over every training image, "
+                  f"fine alignment of the {shortlist} closest; rescaling is not searched) ({sizes})")
     if len({(v['width'], v['height']) for v in info.values()}) > 1 or len({v['channels'] for v in info.values()}) > 1:
         say(f"[audit] the sets differ in resolution or channels; all brought to {ps}² grey: {sizes}")
     say(f"[audit] {space_note}")
+    sy_fp = fingerprints(sy['path'], desc='synthetic sha256' if verbose else None)     # what is scored: release copies only these bytes
     R = min(min(info['train']['width'], info['train']['height']), oversample * ps)
     T = load_grey(tr['path'], R, batch_size, workers, desc='train').half()   # half precision: 78k NIH images at 256² are 10 GB
-    P = {'train': pixel_vectors(resize_to(T.float(), ps))} | {k: pixel_vectors(load_grey(d['path'], ps, batch_size, workers, desc=k))
-                                                       for k, d in (('holdout', ho), ('synthetic', sy))}
+    Gq = {k: load_grey(d['path'], ps, batch_size, workers, desc=k) for k, d in (('holdout', ho), ('synthetic', sy))}
+    P = {'train': np.concatenate([pixel_vectors(resize_to(T[s:s + chunk].float(), ps)) for s in range(0, len(T), chunk)])} | {k: pixel_vectors(v) for k, v in Gq.items()}
+    Tf = prefilter(T, ps, chunk, dtype=torch.float16); del T                   # low-passed once: moved and turned per comparison
     spaces = {'pixels': P}
     weights = None
     if feature_space != 'pixels':
@@ -464,10 +615,10 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
         spaces['features'] = {k: extract_features(list(d['path']), ext, batch_size, workers, device, desc=f'{k} features')
                               for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
     nn_ = {}
-    d, i, o = translation_dcr(np.concatenate([P['synthetic'], P['holdout']]), T, ps, max_shift, chunk, device,
-                              desc='DCR (pixels, shifts)' if verbose else None)
+    al = aligned_dcr(torch.cat([Gq['synthetic'], Gq['holdout']]), Tf, R, ps, max_shift, max_rotation, shortlist, chunk, device=device,
+                     desc='DCR (pixels, aligned)' if verbose else None)
+    d, i = al['dcr'], al['index']
     nn_['pixels', 'synthetic'], nn_['pixels', 'holdout'] = (d[:len(sy)], i[:len(sy)]), (d[len(sy):], i[len(sy):])
-    offs = shift_offsets(max_shift, R)
     for sp, V in spaces.items():
         if sp == 'pixels': continue
         for k in ('synthetic', 'holdout'):
@@ -498,7 +649,8 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
     flags['flagged'] = by_dcr | by_reid
     flags['reason'] = np.select([by_dcr & by_reid, by_dcr, by_reid], ['dcr+reid', 'dcr', 'reid'], '')
     flags = flags[['Image Index', 'nearest', 'dcr', 'dcr_percentile', 'reid_score', 'flagged', 'reason'] + [c for c in flags.columns if c.startswith('reid_nearest')]]
-    flags['shift_px'] = [f'{offs[k][0]:+d},{offs[k][1]:+d}' for k in o[:len(sy)]]      # (dy, dx) of the training image at R² in the pixel match
+    flags['shift_px'] = [f'{y:+g},{x:+g}' for y, x in al['shift'][:len(sy)]]      # (dy, dx) of the training image at R² in the pixel match
+    flags['rotation_deg'] = al['angle'][:len(sy)]
     for sp in spaces:
         flags[f'dcr_{sp}'] = nn_[sp, 'synthetic'][0]; flags[f'nearest_{sp}'] = tnames[nn_[sp, 'synthetic'][1]]
         hold[f'dcr_{sp}'] = nn_[sp, 'holdout'][0]
@@ -511,11 +663,19 @@ def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', re
                       median_synthetic=float(np.median(a)), median_holdout=float(np.median(b)))
     pr_space = 'features' if 'features' in spaces else 'pixels'
     pr = prdc(spaces[pr_space]['train'], spaces[pr_space]['synthetic'], prdc_k, chunk, device) if len(sy) > prdc_k else None
+    flags['sha256'] = [h for h, _ in sy_fp]
+    moved = [n for n, p, (_, st) in zip(sy['Image Index'], sy['path'], sy_fp) if _stat(p) != st]
+    if moved:
+        raise OSError(f"--synthetic {synthetic}: {len(moved)} image(s) changed while the audit read them ({_few(moved)}); no flags were "
+                      "written: run the audit again when nothing writes to the archive")
     flags_path = out / 'flags.csv'
     with atomic_path(flags_path) as tmp: flags.to_csv(tmp, index=False)
     with atomic_path(out / 'holdout.csv') as tmp: hold.to_csv(tmp, index=False)
+    grid = alignment_grid(max_shift, max_rotation, R, ps)
     settings = dict(feature_space=feature_space, flag_space=flag_space, pixel_size=ps, pixel_size_asked=int(pixel_size), max_shift=max_shift,
-                    shift_resolution=R, oversample=oversample, quantile=quantile, estimate=estimate,
+                    max_rotation=max_rotation, shortlist=int(shortlist), shift_resolution=R, oversample=oversample,
+                    alignment=dict(coarse_shifts=len(grid['coarse']), coarse_step_px=grid['step'], coarse_angles=grid['angles'],
+                                   fine_shifts=len(grid['fine']), fine_angles=grid['fine_angles'], rescaling='not searched'), quantile=quantile, estimate=estimate,
                     prdc_k=prdc_k, splits=str(splits) if splits else None, train_split=train_split, holdout_split=holdout_split,
                     reid=str(reid) if reid else None, seed=seed)
     rec = dict(settings=settings, space=space_note, sets=info,
@@ -588,15 +748,22 @@ def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path 
     if rec.get('flags_sha256') != sha:
         raise ValueError(f"--exclude-flagged {flags_csv}: the file changed after the audit (sha256 {sha[:12]}… is not the audited {str(rec.get('flags_sha256'))[:12]}…); "
                          "run the audit again instead of editing its flags")
-    flags = pd.read_csv(flags_csv, dtype={'Image Index': str})
+    flags = pd.read_csv(flags_csv, dtype={'Image Index': str, 'sha256': str})
     if not {'Image Index', 'flagged'} <= set(flags.columns): raise ValueError(f"--exclude-flagged {flags_csv}: needs columns 'Image Index' and 'flagged'")
+    if 'sha256' not in flags.columns:
+        raise ValueError(f"--exclude-flagged {flags_csv}: the audit did not record the sha256 of the images it scored (an audit made before "
+                         "cxr-pggan recorded them), so what it cleared cannot be checked; run `cxr-pggan audit` again")
     archive = Path(archive) if archive else Path(rec['inputs']['synthetic'])
     files = image_paths(archive)
     names = {Path(f).name: f for f in files}
-    if set(names) != set(flags['Image Index']):
-        extra, gone = sorted(set(names) - set(flags['Image Index'])), sorted(set(flags['Image Index']) - set(names))
-        raise ValueError(f"--exclude-flagged {flags_csv}: the archive {archive} is not the audited set ({len(extra)} images not audited, e.g. {extra[:2]}; "
-                         f"{len(gone)} audited images missing, e.g. {gone[:2]}); audit this archive again")
+    audited = dict(zip(flags['Image Index'], flags['sha256']))
+    new, gone = sorted(set(names) - set(audited)), sorted(set(audited) - set(names))
+    changed = sorted(n for n in progress(sorted(set(names) & set(audited)), desc='sha256', unit='img') if file_sha256(names[n]) != audited[n])
+    if new or gone or changed:
+        what = [f'{len(v)} {w} ({_few(v)})' for v, w in ((changed, 'image(s) changed since the audit'), (new, 'new image(s) the audit never scored'),
+                                                         (gone, 'audited image(s) missing')) if v]
+        raise ValueError(f"--exclude-flagged {flags_csv}: the archive {archive} is not the audited set: {'; '.join(what)}; nothing was released: "
+                         f"audit this archive again (cxr-pggan audit ... --synthetic {archive})")
     out = Path(out)
     if out.resolve() == archive.resolve() or archive.resolve() in out.resolve().parents:
         raise ValueError(f"--out {out}: is the archive {archive} or inside it; choose a new folder for the release copy")
@@ -607,12 +774,17 @@ def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path 
     targets = [out / 'images' / n for n in keep] + [out / m.name for m in meta] + [out / 'release.json']
     check_all_writable(targets, out)
     for n in progress(keep, desc='release', unit='img'):
-        with atomic_path(out / 'images' / n) as tmp: shutil.copyfile(names[n], tmp)
+        with atomic_path(out / 'images' / n) as tmp:
+            shutil.copyfile(names[n], tmp)
+            if file_sha256(tmp) != audited[n]:              # changed between the check and the copy: never release unaudited bytes
+                raise ValueError(f"--exclude-flagged {flags_csv}: {names[n]} changed while the release was being copied; {out} is incomplete: "
+                                 f"audit the archive again, then release it into a new folder")
     for m in meta:
         df = pd.read_csv(m, dtype={'Image Index': str})
         with atomic_path(out / m.name) as tmp: df[~df['Image Index'].isin(flagged)].to_csv(tmp, index=False)
     rel = dict(archive=str(archive.resolve()), released=len(keep), excluded=len(flagged & set(names)), audited=len(names),
                excluded_images=sorted(flagged), flags=dict(path=str(flags_csv.resolve()), sha256=sha),
+               verified='every released image has the sha256 the audit recorded for it (flags.csv, column sha256)',
                audit=dict(settings=rec.get('settings'), thresholds=rec.get('thresholds'), counts=rec.get('counts'), space=rec.get('space'),
                           inputs=rec.get('inputs'), reid=rec.get('reid'), holdout_false_flag_crossfit=rec.get('holdout_false_flag_crossfit'),
                           audit_json_sha256=file_sha256(rec_path)))
@@ -644,7 +816,9 @@ def audit_cli(argv: list[str]) -> int:
     ap.add_argument('--features', default='pixels', help='second space for DCR and PRDC: inception | classifier:CKPT | pixels (default: pixels only)')
     ap.add_argument('--reid', help='re-identification checkpoint (cxr-pggan train-reid) for the archive\'s resolution')
     ap.add_argument('--pixel-size', type=positive_int, default=32, help='pixel-space resolution (never above the smallest set\'s; default 32)')
-    ap.add_argument('--max-shift', type=float, default=0.025, help='pixel DCR: the training image may move by up to this fraction of its size (default 0.025)')
+    ap.add_argument('--max-shift', type=float, default=0.05, help='pixel DCR: the training image may move by up to this fraction of its size (default 0.05)')
+    ap.add_argument('--max-rotation', type=float, default=3.0, help='pixel DCR: ... and turn by up to this many degrees (default 3)')
+    ap.add_argument('--shortlist', type=positive_int, default=8, help='pixel DCR: training images per synthetic image aligned finely after the exact coarse search (default 8)')
     ap.add_argument('--quantile', type=float, default=0.01, help='flag below this quantile of the held-out DCRs (default 0.01: the 1st percentile)')
     ap.add_argument('--estimate', default='fit', choices=ESTIMATES, help='how the quantile is estimated: a normal fit to the log-DCRs '
                     '(default; stable with ~100 held-out images) or the empirical quantile (thousands of held-out images)')
@@ -656,8 +830,10 @@ def audit_cli(argv: list[str]) -> int:
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out beside its files (never changing them)')
     a = ap.parse_args(argv)
     check_device(a.device); ts, hs = _splits_of(a)
-    if not 0 <= a.max_shift < 0.25: raise ValueError(f"--max-shift {a.max_shift}: a fraction of the image size in [0, 0.25), e.g. 0.025")
-    r = audit(a.train, a.holdout, a.synthetic, a.out, a.features, a.reid, a.splits, ts, hs, a.pixel_size, a.max_shift, quantile=a.quantile, estimate=a.estimate, flag_space=a.flag_space,
+    if not 0 <= a.max_shift < 0.25: raise ValueError(f"--max-shift {a.max_shift}: a fraction of the image size in [0, 0.25), e.g. 0.05")
+    if not 0 <= a.max_rotation <= 15: raise ValueError(f"--max-rotation {a.max_rotation}: degrees in [0, 15], e.g. 3")
+    r = audit(a.train, a.holdout, a.synthetic, a.out, a.features, a.reid, a.splits, ts, hs, a.pixel_size, a.max_shift, a.max_rotation, a.shortlist,
+              quantile=a.quantile, estimate=a.estimate, flag_space=a.flag_space,
               prdc_k=a.prdc_k, batch_size=a.batch_size, workers=a.workers, device=a.device, inception_weights=a.inception_weights,
               allow_random_weights=a.allow_random_weights, n_pairs=a.pairs, force=a.force, seed=a.seed)
     mw = r['mann_whitney'][('pixels' if a.flag_space == 'pixels' else 'features')]
@@ -707,22 +883,65 @@ def release_cli(argv: list[str]) -> int:
     return 0
 
 # %% ../nbs/14_privacy.ipynb #4d181fb9
+def _bench_images(n: int, R: int, g: torch.Generator) -> torch.Tensor:
+    "Smooth random 'radiographs' (N, 1, R, R): low-frequency structure plus a little texture, in [0, 1]."
+    x = resize_to(torch.rand(n, 1, 6, 6, generator=g), R) * 0.7 + resize_to(torch.rand(n, 1, R // 8, R // 8, generator=g), R) * 0.3
+    return x.clamp(0, 1)
+
+def bench_dcr(n: int, m: int, pixel_size: int, resolution: int, max_shift: float = 0.05, max_rotation: float = 3.0,
+              shortlist: int = 8, chunk: int = 4096, device=None) -> dict:
+    """Seconds per archive image of the audit's pixel DCR (`aligned_dcr`) and of the previous translation-only search
+    (`translation_dcr`, ±2.5 %) for `n` archive images against `m` training images at `resolution`², compared at `pixel_size`²."""
+    dev = _dev(device); g = torch.Generator().manual_seed(0)
+    T = _bench_images(m, resolution, g).half()
+    src = torch.randint(0, m, (n // 2,), generator=g)
+    Q = torch.cat([resize_to(T[src].float(), pixel_size), resize_to(_bench_images(n - len(src), resolution, g), pixel_size)])
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    sync(); t0 = time.perf_counter()
+    Tf = prefilter(T.to(dev), pixel_size, chunk, dtype=torch.float16); sync(); t_pre = time.perf_counter() - t0
+    t0 = time.perf_counter(); new = aligned_dcr(Q, Tf, resolution, pixel_size, max_shift, max_rotation, shortlist, chunk, device=dev, desc=None); sync()
+    t_new = time.perf_counter() - t0
+    t0 = time.perf_counter(); old = translation_dcr(pixel_vectors(Q), T, pixel_size, 0.025, chunk, dev, desc=None); sync()
+    t_old = time.perf_counter() - t0
+    grid = alignment_grid(max_shift, max_rotation, resolution, pixel_size)
+    return dict(archive_images=n, train_images=m, pixel_size=pixel_size, resolution=resolution, max_shift=max_shift, max_rotation=max_rotation,
+                shortlist=shortlist, coarse_shifts=len(grid['coarse']), coarse_angles=len(grid['angles']),
+                transforms_per_candidate=len(grid['fine']) * len(grid['fine_angles']), old_offsets=len(shift_offsets(0.025, resolution)),
+                seconds_new=round(t_new, 3), seconds_prefilter=round(t_pre, 3), seconds_old=round(t_old, 3),
+                ms_per_archive_image_new=round(1000 * (t_new + t_pre) / n, 3), ms_per_archive_image_old=round(1000 * t_old / n, 3),
+                copies_found_new=float((new['index'][:len(src)] == src.numpy()).mean()), copies_found_old=float((old[1][:len(src)] == src.numpy()).mean()))
+
 def bench_privacy_cli(argv: list[str]) -> int:
     from cxr_pggan.core import write_bench_json
-    ap = CLIParser(prog='cxr-pggan bench privacy', description='Time exact chunked nearest-neighbour search (N queries × N references).')
-    ap.add_argument('--n', type=positive_int, default=20000); ap.add_argument('--m', type=positive_int, default=None, help='references (default n)')
+    ap = CLIParser(prog='cxr-pggan bench privacy', description='Time exact chunked nearest-neighbour search (N queries × M references), '
+                   "or with --dcr the audit's pixel DCR per archive image against the previous translation-only search.")
+    ap.add_argument('--n', type=positive_int, default=None, help='queries (default 20000; --dcr: archive images, default 200)')
+    ap.add_argument('--m', type=positive_int, default=None, help='references (default n; --dcr: training images, default 837, the demo train split)')
     ap.add_argument('--dim', type=positive_int, default=2048); ap.add_argument('--chunk', type=positive_int, default=4096)
+    ap.add_argument('--dcr', action='store_true', help="time the audit's pixel DCR (aligned_dcr) against translation_dcr at ±2.5 %% (the previous default)")
+    ap.add_argument('--pixel-size', type=positive_int, default=32, help='--dcr: pixel space (default 32; the paper profile: 64)')
+    ap.add_argument('--resolution', type=positive_int, default=None, help='--dcr: training images at this size (default 4 × --pixel-size)')
     ap.add_argument('--device'); ap.add_argument('--json')
     a = ap.parse_args(argv)
-    check_device(a.device); dev = _dev(a.device); m = a.m or a.n
+    check_device(a.device); dev = _dev(a.device)
+    if a.dcr:
+        if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+        r = bench_dcr(a.n or 200, a.m or 837, a.pixel_size, a.resolution or 4 * a.pixel_size, chunk=a.chunk, device=dev)
+        rec = dict(bench='privacy pixel DCR per archive image', params=dict(n=r['archive_images'], m=r['train_images'], pixel_size=a.pixel_size,
+                   resolution=r['resolution'], chunk=a.chunk), device_used=str(dev), threads=torch.get_num_threads(),
+                   precision='training images stored float16, warped float32, distances float64', batch=a.chunk, **r,
+                   peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
+        write_bench_json(rec, a.json)
+        return 0
+    n = a.n or 20000; m = a.m or n
     g = torch.Generator().manual_seed(0)
-    Q, R = torch.randn(a.n, a.dim, generator=g), torch.randn(m, a.dim, generator=g)
+    Q, R = torch.randn(n, a.dim, generator=g), torch.randn(m, a.dim, generator=g)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev); torch.cuda.synchronize(dev)
     t0 = time.perf_counter(); d, i = nearest_neighbours(Q, R, 1, a.chunk, dev)
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
     dt = time.perf_counter() - t0
-    rec = dict(bench='privacy nearest neighbours', params=dict(n=a.n, m=m, dim=a.dim, chunk=a.chunk), device_used=str(dev), precision='float64',
-               batch=a.chunk, seconds=round(dt, 3), pairs_per_second=a.n * m / dt,
+    rec = dict(bench='privacy nearest neighbours', params=dict(n=n, m=m, dim=a.dim, chunk=a.chunk), device_used=str(dev), precision='float64',
+               batch=a.chunk, seconds=round(dt, 3), pairs_per_second=n * m / dt,
                peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
     write_bench_json(rec, a.json)
     return 0
@@ -732,13 +951,13 @@ ARTIFACTS.setdefault('reid', ('outputs', 'checkpoints/reid_{profile}.pt', '14_pr
 ARTIFACTS.setdefault('privacy_planted', ('outputs', 'archive/archive_{profile}_planted', '14_privacy'))
 
 register_profile('privacy',
-    smoke=dict(synthetic='random', n_synthetic=24, feature_space='pixels', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=3,
+    smoke=dict(synthetic='random', n_synthetic=24, feature_space='pixels', pixel_size=32, max_shift=0.05, max_rotation=3.0, shortlist=8, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=3,
                holdout_split='val', eval_split='test', reid='train', reid_steps=30, reid_batch=8, reid_width=8, reid_lr=2e-3,
                n_planted=8, pairs_shown=6, batch_size=64, workers=0, seed=0),
-    demo=dict(synthetic='auto', n_synthetic=0, feature_space='classifier', pixel_size=32, max_shift=0.025, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=5,
+    demo=dict(synthetic='auto', n_synthetic=0, feature_space='classifier', pixel_size=32, max_shift=0.05, max_rotation=3.0, shortlist=8, dcr_quantile=0.01, estimate='fit', flag_space='pixels', prdc_k=5,
               holdout_split='val', eval_split='test', reid='train', reid_steps=2000, reid_batch=32, reid_width=16, reid_lr=3e-3,
               n_planted=100, pairs_shown=8, batch_size=128, workers=0, seed=0),
-    paper=dict(synthetic='auto', n_synthetic=0, feature_space='inception', pixel_size=64, max_shift=0.025, dcr_quantile=0.01, estimate='empirical', flag_space='pixels', prdc_k=5,
+    paper=dict(synthetic='auto', n_synthetic=0, feature_space='inception', pixel_size=64, max_shift=0.05, max_rotation=3.0, shortlist=8, dcr_quantile=0.01, estimate='empirical', flag_space='pixels', prdc_k=5,
                holdout_split='val', eval_split='test', reid='train', reid_steps=20000, reid_batch=64, reid_width=64, reid_lr=1e-3,
                n_planted=1000, pairs_shown=12, batch_size=256, workers=8, seed=0));
 
@@ -752,6 +971,6 @@ def planted_rates(flags: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     "Share flagged per kind of image of a planted-copy archive, and how often a planted copy's nearest image is its source."
     m = truth.merge(flags, on='Image Index', validate='one_to_one')
     out = m.groupby('kind').agg(images=('flagged', 'size'), flagged=('flagged', 'sum'), share_flagged=('flagged', 'mean')).reset_index()
-    pl = m[m['kind'] == 'planted']
-    out['nearest_is_source'] = out['kind'].map({'planted': float((pl['nearest'] == pl['source']).mean()) if len(pl) else np.nan})
+    src = {k: float((g['nearest'] == g['source']).mean()) for k, g in m.groupby('kind') if k.startswith('planted')}
+    out['nearest_is_source'] = out['kind'].map(src)
     return out

@@ -26,7 +26,7 @@ IMAGES_DIR = 'images'                    # the re-encoded images, under random o
 WRITER = 'study create'                  # the folder's ownership mark (core.claim_folder)
 ROLES = ('consultant', 'registrar', 'other')
 SCHEMA_VERSION = 1
-PNG_LEVEL = 6                            # zlib level of every served PNG (one encoder setting for all images)
+PNG_LEVEL = 0                            # zlib level of every served PNG: stored, not compressed, so a PNG's length is its size alone
 TOKEN_RE = re.compile(r'^[A-Za-z0-9_-]{16,128}$')
 NAME_RE = re.compile(r'^[0-9a-f]{32}\.png$')
 
@@ -108,7 +108,7 @@ def display_image(src, size: int, via: int | None = None) -> np.ndarray:
     return np.clip(np.round(r * 255), 0, 255).astype(np.uint8)
 
 def encode_png(u8: np.ndarray) -> bytes:
-    "8-bit grey PNG bytes with only IHDR/IDAT/IEND chunks and the study's one zlib level."
+    "8-bit grey PNG bytes with only IHDR/IDAT/IEND chunks, uncompressed (`PNG_LEVEL` 0): the length depends on the size alone."
     from PIL import Image
     buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(u8, np.uint8), 'L').save(buf, format='PNG', compress_level=PNG_LEVEL)
     return buf.getvalue()
@@ -182,11 +182,14 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
     if via is not None and max(sides.values()) > via:
         print(f"[study] the smallest images are {via} px (real: {side_r} px, generated: {side_f} px, shorter side): every image is reduced "
               f"to {via}×{via} before it is shown at {display}×{display}, so sharpness does not tell the sets apart (--no-match-resolution: off)")
-    rows, names = [], {}
+    rows, names, length = [], {}, len(encode_png(np.zeros((display, display), np.uint8)))
     for it in progress(items, desc='study images', unit='item'):
         for is_real, i in it['images']:
             src = (reals if is_real else fakes)[i]
             data = encode_png(display_image(src, display, via))
+            if len(data) != length:                       # a file's length would tell something about its content
+                raise RuntimeError(f"the PNG encoder wrote {len(data)} bytes for one {display}×{display} image and {length} for another; "
+                                   f"study images must all have one length (check the Pillow version: zlib level {PNG_LEVEL} should store, not compress)")
             name = secrets.token_hex(16) + '.png'
             atomic_write(img_dir / name, data)
             names[(is_real, i)] = name
@@ -470,13 +473,20 @@ def make_app(study: str | Path):
         row = con.execute("""SELECT i.id, i.kind, s.served_at, (SELECT COUNT(*) FROM item_images x WHERE x.item = i.id)
                              FROM items i JOIN assignments s ON s.item = i.id AND s.reader = ? WHERE i.public_id = ?""", (rid, item)).fetchone()
         if row is None: raise _Refused(404, f'item {item!r} is not assigned to this reader')
-        iid, kind, served, n = row
+        iid, kind, _, n = row
         real = _check_answer(body, n, kind)
         now = time.time()
         con.execute('BEGIN IMMEDIATE')
         try:
+            if con.execute('SELECT 1 FROM answers WHERE reader=? AND item=?', (rid, iid)).fetchone():
+                raise _Refused(409, f'item {item!r} was already answered; answers cannot be changed')
+            shown = con.execute("""SELECT s.item, s.served_at FROM assignments s WHERE s.reader=? AND NOT EXISTS
+                                   (SELECT 1 FROM answers a WHERE a.reader=s.reader AND a.item=s.item) ORDER BY s.position LIMIT 1""", (rid,)).fetchone()
+            if shown is None or shown[0] != iid or shown[1] is None:      # only the item /api/next last handed to this reader
+                raise _Refused(409, f'item {item!r} is not the item this reader was shown last; nothing was stored: '
+                                    'answer the item /api/next gives (reload the page)')
             con.execute('INSERT INTO answers (reader, item, called_real, seconds, client_seconds, answered_at) VALUES (?, ?, ?, ?, ?, ?)',
-                        (rid, iid, json.dumps(real), None if served is None else max(0.0, now - served), body.get('client_seconds'), _now()))
+                        (rid, iid, json.dumps(real), max(0.0, now - shown[1]), body.get('client_seconds'), _now()))
             con.execute('COMMIT')
         except sqlite3.IntegrityError:
             con.execute('ROLLBACK'); raise _Refused(409, f'item {item!r} was already answered; answers cannot be changed')

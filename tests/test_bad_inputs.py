@@ -692,3 +692,58 @@ def test_convert_weights_keeps_the_training_split(ws, trained, tmp_path):
     assert cli(w, 'convert-weights', ws['gan'], tmp_path / 'conv_random.pt').returncode == 0      # a source that records none
     assert torch.load(tmp_path / 'conv_random.pt', weights_only=True)['meta']['origin']['train_split'].startswith('unknown')
     assert cli(w, 'convert-weights', trained, tmp_path / 'conv.pt').returncode == 0              # its own kind: replaced
+
+
+# ---- reader study and privacy release: refusals added with the byte-length, answer-order and audited-bytes checks ------
+
+def test_release_refuses_an_archive_changed_after_its_audit(ws, tmp_path):
+    "A release copies only the bytes the audit scored: a new image, an overwritten one or a missing one is refused, naming them."
+    import shutil
+    w, u, sp = ws['root'], ws['user'], ws['root'] / 'splits' / 'splits.csv'
+    arch = tmp_path / 'archive'; shutil.copytree(ws['small'], arch)
+    r = cli(w, 'audit', '--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test', '--synthetic', arch, '--prdc-k', '2',
+            '--out', tmp_path / 'audit')
+    assert r.returncode == 0, r.stderr[-1500:]
+    flags = tmp_path / 'audit' / 'flags.csv'
+    assert pd.read_csv(flags)['sha256'].str.fullmatch('[0-9a-f]{64}').all()
+    train_img = sorted((u / 'images').glob('*.png'))[0]
+    variants = {}
+    variants['new'] = tmp_path / 'new'; shutil.copytree(arch, variants['new']); shutil.copy(train_img, variants['new'] / train_img.name)
+    variants['over'] = tmp_path / 'over'; shutil.copytree(arch, variants['over']); shutil.copy(train_img, variants['over'] / '1.png')
+    variants['many'] = tmp_path / 'many'; shutil.copytree(arch, variants['many']); (variants['many'] / '0.png').unlink()
+    for k in range(5): shutil.copy(train_img, variants['many'] / f'copy_{k}.png')
+    before = _protect(arch, tmp_path / 'audit', *variants.values())
+    expect = {'new': ['not the audited set', f'1 new image(s) the audit never scored ({train_img.name})', 'nothing was released',
+                      'audit this archive again'],
+              'over': ['not the audited set', '1 image(s) changed since the audit (1.png)', 'nothing was released'],
+              'many': ['5 new image(s) the audit never scored (copy_0.png, copy_1.png, copy_2.png, … (5 in all))',
+                       '1 audited image(s) missing (0.png)']}
+    for name, needles in expect.items():
+        one_error(cli(w, 'archive', '--exclude-flagged', flags, '--archive', variants[name], '--out', tmp_path / f'rel_{name}'),
+                  f'--exclude-flagged {flags}', str(variants[name]), *needles)
+        assert not (tmp_path / f'rel_{name}').exists()
+    assert _protect(arch, tmp_path / 'audit', *variants.values()) == before
+    # an audit from before the hashes were recorded (no sha256 column; its audit.json matching that flags file)
+    old = tmp_path / 'audit_old'; shutil.copytree(tmp_path / 'audit', old)
+    pd.read_csv(old / 'flags.csv').drop(columns='sha256').to_csv(old / 'flags.csv', index=False)
+    rec = json.loads((old / 'audit.json').read_text()); rec['flags_sha256'] = hashlib.sha256((old / 'flags.csv').read_bytes()).hexdigest()
+    (old / 'audit.json').write_text(json.dumps(rec))
+    before_old = _protect(old, arch)
+    one_error(cli(w, 'archive', '--exclude-flagged', old / 'flags.csv', '--out', tmp_path / 'rel_old'), str(old / 'flags.csv'),
+              'did not record the sha256', 'run `cxr-pggan audit` again')
+    assert _protect(old, arch) == before_old and not (tmp_path / 'rel_old').exists()
+    r = cli(w, 'archive', '--exclude-flagged', flags, '--out', tmp_path / 'rel')                 # the untouched archive is released
+    assert r.returncode == 0 and 'released 3 of 3' in r.stdout, (r.stdout, r.stderr[-1500:])
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'rel' / 'images').iterdir()} == {p.name: p.read_bytes() for p in arch.iterdir()}
+
+
+@pytest.mark.parametrize('case', ['rotation-too-large', 'shift-too-large'])
+def test_audit_alignment_options(ws, tmp_path, case):
+    "The aligned DCR's options are checked before any image is read: one line naming the option, the value and the range."
+    w, u, sp = ws['root'], ws['user'], ws['root'] / 'splits' / 'splits.csv'
+    before = _protect(u, ws['small'])
+    opt, needles = {'rotation-too-large': (['--max-rotation', '20'], ['--max-rotation 20.0', 'degrees in [0, 15]']),
+                    'shift-too-large': (['--max-shift', '0.3'], ['--max-shift 0.3', '[0, 0.25)'])}[case]
+    one_error(cli(w, 'audit', '--train', u, '--holdout', u, '--splits', sp, '--holdout-split', 'test', '--synthetic', ws['small'],
+                  '--out', tmp_path / 'out', *opt), *needles)
+    assert _protect(u, ws['small']) == before and not (tmp_path / 'out').exists()

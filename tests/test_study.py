@@ -93,6 +93,10 @@ def test_nothing_served_reveals_truth(served):
         for k in ('last-modified', 'etag', 'content-disposition', 'set-cookie', 'server'): assert k not in h, (k, h)
         assert h['cache-control'] == 'no-store' and h['referrer-policy'] == 'no-referrer' and h['content-type'] == 'image/png'
     assert len(ihdr) == 1 and len(zhead) == 1
+    # every image has one length in bytes: on disk, in every HTTP body and in every Content-Length header
+    on_disk = {p.stat().st_size for p in (Path(study) / S.IMAGES_DIR).iterdir()}
+    assert len(on_disk) == 1 and {len(b) for _, b in images.values()} == on_disk, (on_disk, {len(b) for _, b in images.values()})
+    assert {int(h['content-length']) for h, _ in images.values()} == on_disk
     assert len({frozenset((k, v) for k, v in h.items() if k not in ('content-length', 'date')) for h, _ in images.values()}) == 1   # same headers for all
     # no ordering leak: reals are not always first, pairs put the real image left and right, names do not sort by truth
     pairs = [[truth[u.split('/img/')[1].split('?')[0]] for u in j['images']] for j in nexts if j['kind'] == 'pair']
@@ -117,6 +121,56 @@ def test_no_token_no_content(served):
         assert ('not a valid reader link' in b.decode()) if path == '/r/' + 'x' * 32 else ('error' in json.loads(b)), (path, b[:100])
     st, _, b = S.http('GET', f"{url}/admin?token={S.read_meta(served['study'])['admin_token']}")
     assert st == 200 and b'A' in b and b'consultant' in b and tok.encode() not in b       # progress, never reader tokens
+
+
+def test_byte_length_tells_nothing(tmp_path):
+    "Smooth reals and noisy generated images (whose compressed sizes differ): every file and every response has one length."
+    rng = np.random.default_rng(5)
+    smooth = [np.clip(np.add.outer(np.linspace(0, 1, 64), np.linspace(0, 0.5, 64)) * rng.uniform(0.5, 1), 0, 1) for _ in range(30)]
+    noisy = [rng.random((64, 64)).astype(np.float32) for _ in range(30)]
+    m = S.create_study(tmp_path / 'study', smooth, noisy, grids=3, grid_size=6, pairs=6, display=96, seed=2)
+    sizes = {n: (Path(m['study']) / S.IMAGES_DIR / n).stat().st_size for n in S.image_truth(m['study'])}
+    assert len(set(sizes.values())) == 1 and len(sizes) == m['images'], sizes
+    import io
+    def level6(n):                                    # what the same pixels would weigh compressed: the leak this prevents
+        b = io.BytesIO(); Image.open(Path(m['study']) / S.IMAGES_DIR / n).save(b, format='PNG', compress_level=6); return len(b.getvalue())
+    truth = S.image_truth(m['study'])
+    assert max(level6(n) for n in sizes if truth[n]) < min(level6(n) for n in sizes if not truth[n])     # compressed, sizes would sort them
+    r = S.add_reader(m['study'], 'Dr L', 'other')
+    with S.StudyServer(m['study']) as srv:
+        lengths, headers = set(), set()
+        for j in walk(srv.url, r['token']):
+            for u in j['images']:
+                st, h, b = S.http('GET', srv.url + u); assert st == 200
+                lengths.add(len(b)); headers.add(int({k.lower(): v for k, v in h.items()}['content-length']))
+    assert lengths == headers == set(sizes.values()), (lengths, headers)
+
+
+def test_answer_only_the_item_served_last(served):
+    "An answer to an item the server has not (yet) handed to this reader is refused (409, nothing stored); a reload re-serves the pending item."
+    url, study = served['url'], served['study']
+    r = S.add_reader(study, 'D', 'other')
+    con = S.connect(study)
+    order = [p for (p,) in con.execute('SELECT i.public_id FROM assignments s JOIN items i ON i.id = s.item JOIN readers r ON r.id = s.reader '
+                                       'WHERE r.token=? ORDER BY s.position', (r['token'],))]; con.close()
+    def answer(item): return S.http('POST', f'{url}/api/answer', dict(token=r['token'], item=item, real=[0]))
+    st, _, b = answer(order[0])                                               # the first item, before any /api/next
+    assert st == 409 and 'shown last' in json.loads(b)['error'] and n_answers(study, 'D') == 0, b
+    j = json.loads(S.http('GET', f'{url}/api/next?token={r["token"]}')[2]); assert j['item'] == order[0]
+    st, _, b = answer(order[1])                                               # the next one, not served yet
+    assert st == 409 and 'nothing was stored' in json.loads(b)['error'] and n_answers(study, 'D') == 0
+    j = json.loads(S.http('GET', f'{url}/api/next?token={r["token"]}')[2])    # a reload: the same pending item again
+    assert j['item'] == order[0] and j['answered'] == 0
+    assert answer(order[0])[0] == 200 and n_answers(study, 'D') == 1         # answered after the reload
+    st, _, b = answer(order[0]); assert st == 409 and 'already answered' in json.loads(b)['error']
+    st, _, b = answer(order[1]); assert st == 409 and 'shown last' in json.loads(b)['error']      # next item, still not served
+    other = served['readers'][0]['token']                                   # an item id another reader was shown: not this reader's turn
+    seen = json.loads(S.http('GET', f'{url}/api/next?token={other}')[2])['item']
+    if seen != order[1]:
+        st, _, b = answer(seen); assert st == 409, b
+    assert n_answers(study, 'D') == 1
+    j = json.loads(S.http('GET', f'{url}/api/next?token={r["token"]}')[2]); assert j['item'] == order[1] and j['answered'] == 1
+    assert answer(order[1])[0] == 200 and n_answers(study, 'D') == 2
 
 
 # ---- bad requests: 4xx with a message, nothing stored twice ---------------------------------------------------------
