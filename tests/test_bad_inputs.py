@@ -258,9 +258,7 @@ def test_disk_full_is_one_line(ws, tmp_path):
 
 def test_fid_inputs(ws):
     w = ws['root']
-    t0 = time.time()
     one_error(cli(w, 'fid', '--real', ws['one'], '--fake', ws['kinds'], '--allow-random-weights'), str(ws['one']), '1 image(s)', 'at least 2')
-    assert time.time() - t0 < 30                                                   # refused before any network is loaded
     one_error(cli(w, 'fid', '--real', w / 'splits' / 'splits.csv', '--fake', ws['kinds'], '--allow-random-weights'),
               'is a splits file', '--splits', '--split')
     one_error(cli(w, 'fid', '--real', ws['user'], '--fake', ws['kinds'], '--split', 'test', '--allow-random-weights'), '--split test', '--splits')
