@@ -25,7 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'reproduce': ('cxr_pggan.cli:reproduce_cli', 'run every paper notebook through papermill in a profile, writing outputs/'),
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
     'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent | privacy'),
-    'study':     ('cxr_pggan.study:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
+    'study':     ('cxr_pggan.study_app:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
     'train-encoder': ('cxr_pggan.synthetic:train_encoder_cli', "latent encoder of a GAN (D retrained to predict z; Table 2 'Embedded'); resumable"),
     'embed':     ('cxr_pggan.synthetic:embed_cli', 'write G(E(x)) for every real image of a folder in the NIH layout (names, patients, labels kept)'),
     'audit':     ('cxr_pggan.privacy:audit_cli', 'privacy audit of a synthetic archive: nearest training image (DCR) vs a held-out baseline, re-identification, flags.csv, PRDC'),

@@ -4,21 +4,22 @@
 
 # %% ../nbs/13_reader_study.ipynb #fe66e5bf
 from __future__ import annotations
-import datetime, hashlib, html, io, json, os, re, secrets, select, signal, sqlite3, subprocess, sys, threading, time
-import urllib.error, urllib.parse, urllib.request
+import datetime, hashlib, io, json, os, re, secrets, select, signal, sqlite3, subprocess, sys, tempfile, threading, time
+import urllib.error, urllib.request
+from importlib.resources import files
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import (CLIParser, OutputExistsError, atomic_path, atomic_write, check_writable, claim_folder, outputs_dir,
-                            positive_int, progress, register_profile, save_table, write_provenance)
+from PIL import Image
+from .core import (
+    OutputExistsError, atomic_path, atomic_write, check_writable, claim_folder, outputs_dir, progress, register_profile, save_table, write_provenance)
 from .experiment import artifact, find_artifact      # registers the shared 'dataset' knobs this notebook merges
 
 # %% auto #0
 __all__ = ['DB_NAME', 'IMAGES_DIR', 'WRITER', 'ROLES', 'SCHEMA_VERSION', 'PNG_LEVEL', 'TOKEN_RE', 'NAME_RE', 'SCHEMA',
            'STATISTICS', 'PAPER', 'study_db', 'connect', 'read_meta', 'native_side', 'display_image', 'encode_png',
-           'png_chunks', 'design_study', 'create_study', 'add_reader', 'readers', 'make_app', 'serve', 'StudyServer',
-           'http', 'image_truth', 'simulate_reader', 'simulate_readers', 'load_answers', 'clopper_pearson',
-           'two_way_bootstrap', 'analyse', 'export_answers', 'reader_study_figure', 'resolve_study', 'generated_images',
-           'study_cli']
+           'png_chunks', 'design_study', 'create_study', 'add_reader', 'readers', 'StudyServer', 'http', 'image_truth',
+           'simulate_reader', 'simulate_readers', 'load_answers', 'clopper_pearson', 'two_way_bootstrap', 'analyse',
+           'export_answers', 'reader_study_figure', 'resolve_study', 'generated_images']
 
 # %% ../nbs/13_reader_study.ipynb #b61f433f
 DB_NAME = 'study.sqlite'                 # the database: design, truth, readers, assignments, answers
@@ -29,26 +30,11 @@ SCHEMA_VERSION = 1
 PNG_LEVEL = 0                            # zlib level of every served PNG: stored, not compressed, so a PNG's length is its size alone
 TOKEN_RE = re.compile(r'^[A-Za-z0-9_-]{16,128}$')
 NAME_RE = re.compile(r'^[0-9a-f]{32}\.png$')
-
-SCHEMA = """
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE images(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, is_real INTEGER NOT NULL CHECK (is_real IN (0, 1)),
-                    source TEXT NOT NULL, sha256 TEXT NOT NULL);
-CREATE TABLE items(id INTEGER PRIMARY KEY, public_id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL CHECK (kind IN ('grid', 'pair')),
-                   number INTEGER NOT NULL UNIQUE);
-CREATE TABLE item_images(item INTEGER NOT NULL REFERENCES items(id), slot INTEGER NOT NULL,
-                         image INTEGER NOT NULL UNIQUE REFERENCES images(id), PRIMARY KEY (item, slot));
-CREATE TABLE readers(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, role TEXT NOT NULL CHECK (role IN ('consultant', 'registrar', 'other')),
-                     token TEXT NOT NULL UNIQUE, created TEXT NOT NULL, simulation TEXT);
-CREATE TABLE assignments(reader INTEGER NOT NULL REFERENCES readers(id), item INTEGER NOT NULL REFERENCES items(id),
-                         position INTEGER NOT NULL, served_at REAL, PRIMARY KEY (reader, item), UNIQUE (reader, position));
-CREATE TABLE answers(id INTEGER PRIMARY KEY, reader INTEGER NOT NULL, item INTEGER NOT NULL, called_real TEXT NOT NULL,
-                     seconds REAL, client_seconds REAL, answered_at TEXT NOT NULL,
-                     UNIQUE (reader, item), FOREIGN KEY (reader, item) REFERENCES assignments(reader, item));
-"""
+SCHEMA = (files('cxr_pggan') / 'study_schema.sql').read_text(encoding='utf-8')     # the tables (package data)
 
 def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
+# %% ../nbs/13_reader_study.ipynb #36458d55
 def study_db(study: str | Path) -> Path:
     "The database of the study folder `study` (or `study` itself when it is the `study.sqlite` file), or a one-line error."
     p = Path(study).expanduser()
@@ -58,6 +44,7 @@ def study_db(study: str | Path) -> Path:
         raise ValueError(f"{p} is not a reader study (no {DB_NAME} written by `cxr-pggan study create`); give the folder that command made")
     return db
 
+# %% ../nbs/13_reader_study.ipynb #0b704fb1
 def connect(study: str | Path, db: Path | None = None) -> sqlite3.Connection:
     "A connection to the study's database: autocommit (explicit transactions), foreign keys on, durable commits (synchronous=FULL), waits for locks."
     db = db or study_db(study)
@@ -65,6 +52,7 @@ def connect(study: str | Path, db: Path | None = None) -> sqlite3.Connection:
     con.execute('PRAGMA foreign_keys=ON'); con.execute('PRAGMA busy_timeout=30000'); con.execute('PRAGMA synchronous=FULL')
     return con
 
+# %% ../nbs/13_reader_study.ipynb #ee85a720
 def read_meta(study: str | Path) -> dict:
     "The study's `meta` table (design, admin token, link base), JSON-decoded."
     con = connect(study)
@@ -78,7 +66,7 @@ def read_meta(study: str | Path) -> dict:
 def _as_grey(src) -> np.ndarray:
     "(H, W) float32 in [0, 1] of an image file or an array ((H, W), (C, H, W) or (H, W, C); uint8, uint16 or float in [0, 1])."
     if isinstance(src, (str, Path)):
-        from cxr_pggan.data import read_image
+        from cxr_pggan.data import read_image          # data imports torch: only when a file is read, so the server starts without it
         return read_image(src)
     a = np.asarray(src)
     if a.ndim == 3: a = a.mean(0) if a.shape[0] <= 4 else a.mean(-1)
@@ -90,29 +78,29 @@ def _as_grey(src) -> np.ndarray:
 def native_side(src) -> int:
     "The shorter side in pixels of an image file (read from its header) or array."
     if isinstance(src, (str, Path)):
-        from PIL import Image
         try:
             with Image.open(src) as im: return min(im.size)
         except (OSError, SyntaxError, ValueError) as e:
             raise OSError(f"{src}: cannot read image ({type(e).__name__}: {e}); the file is truncated or corrupt — remove it") from None
     return min(_as_grey(src).shape)
 
+# %% ../nbs/13_reader_study.ipynb #1a9d9d1d
 def display_image(src, size: int, via: int | None = None) -> np.ndarray:
     """`src` as the study shows it: (size, size) uint8 grey, centre-cropped to a square and resampled with Lanczos;
     with `via` smaller than the image, first reduced to via×via (so every image shows the detail of the coarsest set)."""
-    from PIL import Image
     a = _as_grey(src); h, w = a.shape; s = min(h, w)
     im = Image.fromarray(np.ascontiguousarray(a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s], np.float32), 'F')
     if via is not None and via < s: im = im.resize((via, via), Image.LANCZOS)
     r = np.asarray(im.resize((size, size), Image.LANCZOS))
     return np.clip(np.round(r * 255), 0, 255).astype(np.uint8)
 
+# %% ../nbs/13_reader_study.ipynb #04f341e2
 def encode_png(u8: np.ndarray) -> bytes:
     "8-bit grey PNG bytes with only IHDR/IDAT/IEND chunks, uncompressed (`PNG_LEVEL` 0): the length depends on the size alone."
-    from PIL import Image
     buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(u8, np.uint8), 'L').save(buf, format='PNG', compress_level=PNG_LEVEL)
     return buf.getvalue()
 
+# %% ../nbs/13_reader_study.ipynb #649f6f27
 def png_chunks(data: bytes) -> list[tuple[str, bytes]]:
     "The (type, payload) chunks of PNG bytes (to check what a file carries)."
     if data[:8] != b'\x89PNG\r\n\x1a\n': raise ValueError('not a PNG file')
@@ -144,10 +132,16 @@ def design_study(n_real: int, n_fake: int, grids: int = 6, grid_size: int = 6, p
     return items
 
 # %% ../nbs/13_reader_study.ipynb #15f12129
+def _check_display_url(display, url) -> None:
+    if not isinstance(display, (int, np.integer)) or not 16 <= display <= 2048: raise ValueError(f"--display must be 16..2048 pixels, got {display!r}")
+    if not re.match(r'^https?://[^\s/?#]+/?$', url or ''):
+        raise ValueError(f"--url {url!r}: give the address readers open, the root of a host name with no path, e.g. https://study.example.org "
+                         "or http://127.0.0.1:8765 (behind a reverse proxy, give the study its own host name, not a sub-path)")
+
 def _image_list(src, what: str) -> list:
     "A list of image sources: the images of a folder (or CSV), or the given list of paths/arrays."
     if isinstance(src, (str, Path)):
-        from cxr_pggan.features import image_paths
+        from cxr_pggan.features import image_paths     # features imports torch: only when a folder is given
         p = Path(src).expanduser()
         if not p.exists(): raise FileNotFoundError(f"--{what} {p}: no such folder; give a folder of images (PNG, JPEG, ...) or an NIH-layout folder")
         return image_paths(p)
@@ -155,33 +149,19 @@ def _image_list(src, what: str) -> list:
     if not out: raise ValueError(f"--{what}: the image set is empty")
     return out
 
-def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6, pairs: int = 20, display: int = 260,
-                 seed: int = 0, url: str = 'http://127.0.0.1:8765', force: bool = False, note: str | None = None,
-                 match_resolution: bool = True) -> dict:
-    """Create a reader study in the folder `out` from `real` and `fake` (folders, CSVs, or lists of files/arrays).
-    `match_resolution`: when some chosen image is smaller than `display`, every image is first reduced to the smallest one's size.
-    Returns `{'study', 'db', 'admin_token', 'items', 'images', 'via'}`. Refuses a folder that already holds a study."""
-    out = Path(out).expanduser()
-    if not isinstance(display, (int, np.integer)) or not 16 <= display <= 2048: raise ValueError(f"--display must be 16..2048 pixels, got {display!r}")
-    if not re.match(r'^https?://[^\s/?#]+/?$', url or ''):
-        raise ValueError(f"--url {url!r}: give the address readers open, the root of a host name with no path, e.g. https://study.example.org "
-                         "or http://127.0.0.1:8765 (behind a reverse proxy, give the study its own host name, not a sub-path)")
-    reals, fakes = _image_list(real, 'real'), _image_list(fake, 'fake')
-    both = {str(Path(p).resolve()) for p in reals if isinstance(p, (str, Path))} & {str(Path(p).resolve()) for p in fakes if isinstance(p, (str, Path))}
-    if both: raise ValueError(f"--real and --fake share {len(both)} image file(s), e.g. {sorted(both)[0]}; give two separate sets")
-    items = design_study(len(reals), len(fakes), grids, grid_size, pairs, seed)       # checks the pool sizes before writing
-    if (out / DB_NAME).exists():
-        raise OutputExistsError(f"{out} already holds a reader study ({DB_NAME}); it is never overwritten: choose another --out")
-    claim_folder(out, WRITER, force=force)
-    check_writable(out / DB_NAME, out)
-    img_dir = out / IMAGES_DIR; img_dir.mkdir(exist_ok=True)
-    chosen = [(r, i) for it in items for r, i in it['images']]
-    sides = {k: native_side((reals if k[0] else fakes)[k[1]]) for k in chosen}
+# %% ../nbs/13_reader_study.ipynb #a846e48b
+def _reduced_size(sides: dict, display: int, match_resolution: bool) -> tuple[int | None, int, int]:
+    "`(via, real side, generated side)`: `via` the smallest chosen image's side when it is below `display` (and matching is on), else None."
     side_r, side_f = [min((v for k, v in sides.items() if k[0] == r), default=0) for r in (True, False)]
     via = min(sides.values()) if match_resolution and min(sides.values()) < display else None
     if via is not None and max(sides.values()) > via:
         print(f"[study] the smallest images are {via} px (real: {side_r} px, generated: {side_f} px, shorter side): every image is reduced "
               f"to {via}×{via} before it is shown at {display}×{display}, so sharpness does not tell the sets apart (--no-match-resolution: off)")
+    return via, side_r, side_f
+
+# %% ../nbs/13_reader_study.ipynb #204c59f9
+def _write_images(items: list, reals: list, fakes: list, folder: Path, display: int, via: int | None) -> tuple[list, dict]:
+    "Write every image of `items` as readers see it, under a random name: the `images` rows and the name of each `(is_real, index)`."
     rows, names, length = [], {}, len(encode_png(np.zeros((display, display), np.uint8)))
     for it in progress(items, desc='study images', unit='item'):
         for is_real, i in it['images']:
@@ -191,19 +171,16 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
                 raise RuntimeError(f"the PNG encoder wrote {len(data)} bytes for one {display}×{display} image and {length} for another; "
                                    f"study images must all have one length (check the Pillow version: zlib level {PNG_LEVEL} should store, not compress)")
             name = secrets.token_hex(16) + '.png'
-            atomic_write(img_dir / name, data)
+            atomic_write(folder / name, data)
             names[(is_real, i)] = name
             rows.append((name, int(is_real), str(src) if isinstance(src, (str, Path)) else f'array #{i} of the {"real" if is_real else "generated"} set',
                          hashlib.sha256(data).hexdigest()))
-    order = np.random.default_rng([seed, 1]).permutation(len(rows))               # image ids say nothing about truth either
-    admin = secrets.token_urlsafe(24)
-    meta = dict(schema_version=SCHEMA_VERSION, created=_now(), admin_token=admin, url=url.rstrip('/'),
-                design=dict(grids=grids, grid_size=grid_size, pairs=pairs, display=display, seed=seed, p_real_cell=0.5,
-                            match_resolution=match_resolution, reduced_to=via, native_side=dict(real=side_r, generated=side_f)),
-                sources=dict(real=str(real) if isinstance(real, (str, Path)) else f'{len(reals)} images given in memory',
-                             fake=str(fake) if isinstance(fake, (str, Path)) else f'{len(fakes)} images given in memory'),
-                note=note)
-    with atomic_path(out / DB_NAME) as tmp:
+    return rows, names
+
+# %% ../nbs/13_reader_study.ipynb #5f22d3ec
+def _write_db(path: Path, meta: dict, rows: list, names: dict, items: list, order) -> None:
+    "Write the study database atomically, in one transaction: the schema, `meta`, the images (ids from `order`), the items and their images."
+    with atomic_path(path) as tmp:
         tmp.unlink()
         con = sqlite3.connect(tmp, isolation_level=None)
         try:
@@ -224,7 +201,38 @@ def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6
         for extra in ('-wal', '-shm'):
             w = tmp.with_name(tmp.name + extra)
             if w.exists(): w.unlink()
-    os.chmod(out / DB_NAME, 0o600)                        # the truth and the tokens: readable by the study's owner only
+    os.chmod(path, 0o600)                        # the truth and the tokens: readable by the study's owner only
+
+# %% ../nbs/13_reader_study.ipynb #06ca8ae7
+def create_study(out: str | Path, real, fake, grids: int = 6, grid_size: int = 6, pairs: int = 20, display: int = 260,
+                 seed: int = 0, url: str = 'http://127.0.0.1:8765', force: bool = False, note: str | None = None,
+                 match_resolution: bool = True) -> dict:
+    """Create a reader study in the folder `out` from `real` and `fake` (folders, CSVs, or lists of files/arrays).
+    `match_resolution`: when some chosen image is smaller than `display`, every image is first reduced to the smallest one's size.
+    Returns `{'study', 'db', 'admin_token', 'items', 'images', 'via'}`. Refuses a folder that already holds a study."""
+    out = Path(out).expanduser()
+    _check_display_url(display, url)
+    reals, fakes = _image_list(real, 'real'), _image_list(fake, 'fake')
+    both = {str(Path(p).resolve()) for p in reals if isinstance(p, (str, Path))} & {str(Path(p).resolve()) for p in fakes if isinstance(p, (str, Path))}
+    if both: raise ValueError(f"--real and --fake share {len(both)} image file(s), e.g. {sorted(both)[0]}; give two separate sets")
+    items = design_study(len(reals), len(fakes), grids, grid_size, pairs, seed)       # checks the pool sizes before writing
+    if (out / DB_NAME).exists():
+        raise OutputExistsError(f"{out} already holds a reader study ({DB_NAME}); it is never overwritten: choose another --out")
+    claim_folder(out, WRITER, force=force)
+    check_writable(out / DB_NAME, out)
+    img_dir = out / IMAGES_DIR; img_dir.mkdir(exist_ok=True)
+    sides = {k: native_side((reals if k[0] else fakes)[k[1]]) for it in items for k in it['images']}
+    via, side_r, side_f = _reduced_size(sides, display, match_resolution)
+    rows, names = _write_images(items, reals, fakes, img_dir, display, via)
+    order = np.random.default_rng([seed, 1]).permutation(len(rows))               # image ids say nothing about truth either
+    admin = secrets.token_urlsafe(24)
+    meta = dict(schema_version=SCHEMA_VERSION, created=_now(), admin_token=admin, url=url.rstrip('/'),
+                design=dict(grids=grids, grid_size=grid_size, pairs=pairs, display=display, seed=seed, p_real_cell=0.5,
+                            match_resolution=match_resolution, reduced_to=via, native_side=dict(real=side_r, generated=side_f)),
+                sources=dict(real=str(real) if isinstance(real, (str, Path)) else f'{len(reals)} images given in memory',
+                             fake=str(fake) if isinstance(fake, (str, Path)) else f'{len(fakes)} images given in memory'),
+                note=note)
+    _write_db(out / DB_NAME, meta, rows, names, items, order)
     return dict(study=out, db=out / DB_NAME, admin_token=admin, items=len(items), images=len(rows), via=via)
 
 # %% ../nbs/13_reader_study.ipynb #241ba9db
@@ -253,6 +261,7 @@ def add_reader(study: str | Path, name: str, role: str = 'other', simulation: di
     finally: con.close()
     return dict(name=name, role=role, token=token, link=f"{meta['url']}/r/{token}")
 
+# %% ../nbs/13_reader_study.ipynb #b7bd2054
 def readers(study: str | Path) -> pd.DataFrame:
     "Every reader with their role, link, answered items and whether they are simulated."
     con = connect(study)
@@ -269,287 +278,6 @@ def readers(study: str | Path) -> pd.DataFrame:
     return df
 
 # %% ../nbs/13_reader_study.ipynb #996f4aec
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer"><title>Reader study</title>
-<style>
-body{background:#111;color:#ddd;font:16px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:12px}
-header{display:flex;justify-content:space-between;align-items:baseline}h1{font-size:20px;margin:4px 0}
-#progress{font-weight:600}#images{display:grid;gap:10px;margin:12px 0;justify-content:center}
-#images.grid{grid-template-columns:repeat(3,auto)}#images.pair{grid-template-columns:repeat(2,auto)}
-.cell{position:relative;background:#000;border:4px solid #333;padding:0;cursor:pointer;line-height:0}
-.cell img{display:block;image-rendering:auto}.cell.on{border-color:#2ecc71}
-.key{position:absolute;left:4px;top:4px;background:#000a;color:#fff;font:600 14px/1 system-ui;padding:3px 6px}
-.cell.on .key::after{content:" real";color:#2ecc71}
-button#submit{font-size:18px;padding:8px 28px}#message{color:#f39c12;min-height:1.4em}footer{color:#888;font-size:13px}
-</style></head>
-<body data-state="loading">
-<header><h1>Reader study</h1><div id="progress" role="status">loading…</div></header>
-<p id="instructions"></p>
-<div id="images"></div>
-<p><button id="submit" type="button" hidden>Next (Enter)</button></p><p id="message" role="alert"></p>
-<footer>Keys: <b>1</b>–<b>9</b> select an image (a grid: toggle; a pair: choose), <b>←</b>/<b>→</b> choose in a pair,
-<b>Enter</b> next. Take as long as you need. Each answer is saved when you press Next; close this page at any time and
-open the same link later to continue where you stopped. Answers cannot be changed once saved.</footer>
-<script src="/r/{token}/reader.js"></script>
-</body></html>
-"""
-
-_SCRIPT = r"""(function () {
-  'use strict';
-  var parts = location.pathname.split('/').filter(Boolean), token = decodeURIComponent(parts[parts.length - 1]);
-  var cur = null, sel = [], t0 = 0, busy = false;
-  function $(id) { return document.getElementById(id); }
-  function say(t) { $('message').textContent = t || ''; }
-  function update() {
-    var cells = document.querySelectorAll('.cell');
-    for (var k = 0; k < cells.length; k++) {
-      var on = sel.indexOf(+cells[k].dataset.index) >= 0;
-      cells[k].classList.toggle('on', on); cells[k].setAttribute('aria-pressed', String(on));
-    }
-    $('submit').disabled = busy || !cur || (cur.kind === 'pair' && sel.length !== 1);
-  }
-  function choose(i) {
-    if (!cur || i >= cur.images.length) return;
-    if (cur.kind === 'pair') sel = [i];
-    else if (sel.indexOf(i) >= 0) sel.splice(sel.indexOf(i), 1); else sel.push(i);
-    update();
-  }
-  function render() {
-    var box = $('images'); box.innerHTML = ''; box.className = cur.kind;
-    cur.images.forEach(function (u, i) {
-      var b = document.createElement('button'); b.type = 'button'; b.className = 'cell'; b.dataset.index = i;
-      var img = document.createElement('img'); img.src = u; img.alt = 'image ' + (i + 1); img.width = cur.size; img.height = cur.size;
-      var k = document.createElement('span'); k.className = 'key'; k.textContent = String(i + 1);
-      b.appendChild(img); b.appendChild(k); b.addEventListener('click', function () { choose(i); }); box.appendChild(b);
-    });
-    $('instructions').textContent = cur.kind === 'grid'
-      ? 'Select every image you believe is a REAL chest x-ray (none, some or all), then press Next.'
-      : 'One image is real and one is generated: select the REAL one, then press Next.';
-    $('progress').textContent = 'Item ' + (cur.answered + 1) + ' of ' + cur.total;
-    $('submit').hidden = false; document.body.dataset.state = cur.kind; document.body.dataset.item = cur.item; update();
-  }
-  function next() {
-    say('');
-    return fetch('/api/next?token=' + encodeURIComponent(token), {cache: 'no-store'}).then(function (r) {
-      return r.json().then(function (j) {
-        if (!r.ok) { say(j.error || ('error ' + r.status)); document.body.dataset.state = 'error'; return; }
-        if (j.done) {
-          cur = null; $('images').innerHTML = ''; $('submit').hidden = true;
-          $('instructions').textContent = 'Thank you: every item is answered. You can close this page.';
-          $('progress').textContent = j.answered + ' of ' + j.total + ' answered'; document.body.dataset.state = 'done'; return;
-        }
-        cur = j; sel = []; render(); t0 = performance.now();
-      });
-    }).catch(function () { say('The study server does not answer; your saved answers are kept. Reload this page in a moment.'); });
-  }
-  function submit() {
-    if (!cur || busy) return;
-    if (cur.kind === 'pair' && sel.length !== 1) { say('Select one image first.'); return; }
-    busy = true; update();
-    var body = {token: token, item: cur.item, real: sel.slice().sort(function (a, b) { return a - b; }),
-                client_seconds: (performance.now() - t0) / 1000};
-    fetch('/api/answer', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)})
-      .then(function (r) {
-        return r.json().catch(function () { return {}; }).then(function (j) {
-          busy = false;
-          if (!r.ok && r.status !== 409) { say(j.error || ('error ' + r.status)); update(); return; }
-          return next();
-        });
-      })
-      .catch(function () { busy = false; update(); say('Not saved: the study server does not answer. Press Next again in a moment.'); });
-  }
-  document.addEventListener('keydown', function (e) {
-    if (!cur || e.altKey || e.ctrlKey || e.metaKey) return;
-    if (e.key >= '1' && e.key <= '9') { choose(+e.key - 1); e.preventDefault(); }
-    else if (cur.kind === 'pair' && e.key === 'ArrowLeft') { choose(0); e.preventDefault(); }
-    else if (cur.kind === 'pair' && e.key === 'ArrowRight') { choose(1); e.preventDefault(); }
-    else if (e.key === 'Enter') { e.preventDefault(); submit(); }
-  });
-  $('submit').addEventListener('click', submit);
-  next();
-})();
-"""
-
-_CSP = ("default-src 'none'; img-src 'self'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-# %% ../nbs/13_reader_study.ipynb #5bd9fe88
-class _Refused(Exception):
-    def __init__(self, status: int, message: str): super().__init__(message); self.status = status
-
-def _check_answer(body, n_images: int, kind: str) -> list[int]:
-    "The validated list of indices called real (raises `_Refused` 400)."
-    real = body.get('real')
-    if not isinstance(real, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in real):
-        raise _Refused(400, "'real' must be a list of image indices (whole numbers), e.g. [0, 3]")
-    if len(set(real)) != len(real): raise _Refused(400, f"'real' lists an index twice: {real}")
-    if any(not 0 <= i < n_images for i in real): raise _Refused(400, f"'real' indices must be 0..{n_images - 1} for this item, got {real}")
-    if kind == 'pair' and len(real) != 1: raise _Refused(400, f"a pair takes exactly one index (the image called real), got {real}")
-    cs = body.get('client_seconds')
-    if cs is not None and (isinstance(cs, bool) or not isinstance(cs, (int, float)) or not 0 <= cs < 1e7):
-        raise _Refused(400, f"'client_seconds' must be a number of seconds >= 0, got {cs!r}")
-    return sorted(real)
-
-def make_app(study: str | Path):
-    "The Flask app of the study `study` (reader page, JSON API, images, admin view)."
-    from flask import Flask, Response, jsonify, request
-    db = study_db(study); root = db.parent
-    meta = read_meta(study); size = int(meta['design']['display']); admin = meta['admin_token']
-    app = Flask('cxr_pggan.study', static_folder=None)
-    app.config.update(MAX_CONTENT_LENGTH=16 * 1024, JSON_SORT_KEYS=False)
-
-    def reader_id(con, token):
-        if not isinstance(token, str) or not TOKEN_RE.match(token): raise _Refused(403, 'unknown or missing reader token: open your personal link')
-        row = con.execute('SELECT id FROM readers WHERE token=?', (token,)).fetchone()
-        if row is None: raise _Refused(403, 'unknown or missing reader token: open your personal link')
-        return row[0]
-
-    def progress_of(con, rid):
-        return dict(zip(('answered', 'total'), con.execute(
-            'SELECT (SELECT COUNT(*) FROM answers WHERE reader=?), (SELECT COUNT(*) FROM assignments WHERE reader=?)', (rid, rid)).fetchone()))
-
-    def with_db(f):
-        def run(*a, **kw):
-            con = connect(study, db)
-            try: return f(con, *a, **kw)
-            except _Refused as e: return jsonify(error=str(e)), e.status
-            finally: con.close()
-        run.__name__ = f.__name__
-        return run
-
-    @app.after_request
-    def headers(r):
-        for h in ('Last-Modified', 'ETag'): r.headers.pop(h, None)
-        r.headers['Cache-Control'] = 'no-store'; r.headers['Referrer-Policy'] = 'no-referrer'
-        r.headers['X-Content-Type-Options'] = 'nosniff'; r.headers['X-Frame-Options'] = 'DENY'
-        r.headers['Content-Security-Policy'] = _CSP
-        return r
-
-    @app.errorhandler(404)
-    def not_found(e): return jsonify(error='not found: open your personal study link'), 404
-    @app.errorhandler(405)
-    def not_allowed(e): return jsonify(error=f'method {request.method} is not allowed here'), 405
-    @app.errorhandler(413)
-    def too_big(e): return jsonify(error='request body too large'), 413
-
-    @app.get('/r/<token>')
-    @with_db
-    def page(con, token):
-        try: reader_id(con, token)
-        except _Refused:                                   # a person opened a wrong link: a page, not JSON
-            return Response('<!doctype html><meta charset="utf-8"><title>Reader study</title><p>This link is not a valid reader link. '
-                            'Please use the personal link you were sent, or ask the study organiser for it.</p>', 403, mimetype='text/html')
-        return Response(_PAGE.replace('{token}', token), mimetype='text/html')
-
-    @app.get('/r/<token>/reader.js')
-    @with_db
-    def script(con, token):
-        reader_id(con, token)
-        return Response(_SCRIPT, mimetype='text/javascript')
-
-    @app.get('/api/next')
-    @with_db
-    def next_item(con):
-        token = request.args.get('token'); rid = reader_id(con, token)
-        row = con.execute("""SELECT s.item, i.public_id, i.kind FROM assignments s JOIN items i ON i.id = s.item
-                             WHERE s.reader=? AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.reader=s.reader AND a.item=s.item)
-                             ORDER BY s.position LIMIT 1""", (rid,)).fetchone()
-        prog = progress_of(con, rid)
-        if row is None: return jsonify(done=True, **prog)
-        con.execute('UPDATE assignments SET served_at=? WHERE reader=? AND item=?', (time.time(), rid, row[0]))
-        names = [n for (n,) in con.execute('SELECT m.name FROM item_images x JOIN images m ON m.id = x.image WHERE x.item=? ORDER BY x.slot', (row[0],))]
-        q = urllib.parse.urlencode(dict(token=token))
-        return jsonify(item=row[1], kind=row[2], images=[f'/img/{n}?{q}' for n in names], done=False, size=size, **prog)
-
-    @app.post('/api/answer')
-    @with_db
-    def answer(con):
-        body = request.get_json(force=True, silent=True)
-        if not isinstance(body, dict): raise _Refused(400, 'the body must be a JSON object {"token": ..., "item": ..., "real": [...]}')
-        rid = reader_id(con, body.get('token'))
-        item = body.get('item')
-        if not isinstance(item, str) or len(item) > 64: raise _Refused(400, "'item' must be the item id given by /api/next")
-        row = con.execute("""SELECT i.id, i.kind, s.served_at, (SELECT COUNT(*) FROM item_images x WHERE x.item = i.id)
-                             FROM items i JOIN assignments s ON s.item = i.id AND s.reader = ? WHERE i.public_id = ?""", (rid, item)).fetchone()
-        if row is None: raise _Refused(404, f'item {item!r} is not assigned to this reader')
-        iid, kind, _, n = row
-        real = _check_answer(body, n, kind)
-        now = time.time()
-        con.execute('BEGIN IMMEDIATE')
-        try:
-            if con.execute('SELECT 1 FROM answers WHERE reader=? AND item=?', (rid, iid)).fetchone():
-                raise _Refused(409, f'item {item!r} was already answered; answers cannot be changed')
-            shown = con.execute("""SELECT s.item, s.served_at FROM assignments s WHERE s.reader=? AND NOT EXISTS
-                                   (SELECT 1 FROM answers a WHERE a.reader=s.reader AND a.item=s.item) ORDER BY s.position LIMIT 1""", (rid,)).fetchone()
-            if shown is None or shown[0] != iid or shown[1] is None:      # only the item /api/next last handed to this reader
-                raise _Refused(409, f'item {item!r} is not the item this reader was shown last; nothing was stored: '
-                                    'answer the item /api/next gives (reload the page)')
-            con.execute('INSERT INTO answers (reader, item, called_real, seconds, client_seconds, answered_at) VALUES (?, ?, ?, ?, ?, ?)',
-                        (rid, iid, json.dumps(real), max(0.0, now - shown[1]), body.get('client_seconds'), _now()))
-            con.execute('COMMIT')
-        except sqlite3.IntegrityError:
-            con.execute('ROLLBACK'); raise _Refused(409, f'item {item!r} was already answered; answers cannot be changed')
-        except BaseException:
-            con.execute('ROLLBACK'); raise
-        return jsonify(ok=True, **progress_of(con, rid))
-
-    @app.get('/img/<name>')
-    @with_db
-    def image(con, name):
-        rid = reader_id(con, request.args.get('token'))
-        if not NAME_RE.match(name) or con.execute("""SELECT 1 FROM images m JOIN item_images x ON x.image = m.id
-                JOIN assignments s ON s.item = x.item WHERE m.name=? AND s.reader=?""", (name, rid)).fetchone() is None:
-            raise _Refused(404, 'no such image for this reader')
-        return Response((root / IMAGES_DIR / name).read_bytes(), mimetype='image/png')
-
-    def check_admin(token):
-        if not isinstance(token, str) or not secrets.compare_digest(token, admin): raise _Refused(403, 'the admin view needs the admin token printed by `study create`')
-
-    @app.get('/api/admin/progress')
-    @with_db
-    def admin_progress(con):
-        check_admin(request.args.get('token'))
-        df = readers(db).drop(columns='link')
-        return jsonify(readers=df.to_dict(orient='records'))
-
-    @app.get('/admin')
-    @with_db
-    def admin_page(con):
-        check_admin(request.args.get('token'))
-        df = readers(db).drop(columns='link')
-        rows = ''.join('<tr>' + ''.join(f'<td>{html.escape(str(v))}</td>' for v in r) + '</tr>' for r in df.itertuples(index=False))
-        body = (f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='30'><title>Reader study: progress</title>"
-                f"<style>body{{font:15px system-ui;margin:20px}}td,th{{padding:4px 10px;border-bottom:1px solid #ccc}}</style></head><body>"
-                f"<h1>Reader study: progress</h1><p>{html.escape(str(root))}: {len(df)} readers, "
-                f"{int(df['answered'].sum()) if len(df) else 0} of {int(df['items'].sum()) if len(df) else 0} items answered. "
-                f"Export the answers with <code>cxr-pggan study export STUDY --out answers.csv</code>.</p><table><tr>"
-                + ''.join(f'<th>{html.escape(c)}</th>' for c in df.columns) + f'</tr>{rows}</table></body></html>')
-        return Response(body, mimetype='text/html')
-
-    return app
-
-# %% ../nbs/13_reader_study.ipynb #ddbc1610
-def serve(study: str | Path, host: str = '127.0.0.1', port: int = 8765, threads: int = 4) -> None:
-    "Serve the study with waitress until interrupted (prints the address, then the admin link)."
-    from waitress import create_server
-    import logging
-    app = make_app(study)
-    logging.getLogger('waitress').setLevel(logging.WARNING)
-    try: srv = create_server(app, host=host, port=port, threads=threads, ident='', clear_untrusted_proxy_headers=True)
-    except OSError as e:
-        raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another --port (0 = any free port) "
-                      "or stop the program that uses it") from None
-    shown = '127.0.0.1' if host in ('localhost',) else host
-    print(f"[study] serving {Path(study)} on http://{shown}:{srv.effective_port}/ (stop with Ctrl-C)", flush=True)
-    if host not in ('127.0.0.1', 'localhost', '::1'):
-        print(f"[study] warning: listening on {host}, not loopback: readers' tokens and images travel unencrypted unless an HTTPS "
-              "reverse proxy sits in front (see README, 'Running a reader study')", file=sys.stderr, flush=True)
-    print(f"[study] admin progress view: http://{shown}:{srv.effective_port}/admin?token={read_meta(study)['admin_token']}", flush=True)
-    try: srv.run()
-    except KeyboardInterrupt: pass
-    finally: srv.close()
-
 class StudyServer:
     "`cxr-pggan study serve STUDY --port 0` in a subprocess on a free loopback port: `with StudyServer(s) as srv: srv.url`."
     def __init__(self, study: str | Path, host: str = '127.0.0.1', port: int = 0, threads: int = 4, timeout: float = 60):
@@ -557,7 +285,6 @@ class StudyServer:
         self.proc, self.url = None, None
 
     def start(self) -> 'StudyServer':
-        import tempfile
         self.log = tempfile.TemporaryFile(mode='w+')
         self.proc = subprocess.Popen([sys.executable, '-m', 'cxr_pggan', 'study', 'serve', str(self.study), '--host', self.host,
                                       '--port', str(self.port), '--threads', str(self.threads)],
@@ -594,12 +321,14 @@ def http(method: str, url: str, body=None, timeout: float = 30) -> tuple[int, di
         with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
 
+# %% ../nbs/13_reader_study.ipynb #d7b69b99
 def image_truth(study: str | Path) -> dict[str, bool]:
     "Opaque image name -> is real (from the database; for simulated readers and tests only, never served)."
     con = connect(study)
     try: return {n: bool(r) for n, r in con.execute('SELECT name, is_real FROM images')}
     finally: con.close()
 
+# %% ../nbs/13_reader_study.ipynb #cb02dd06
 def simulate_reader(base_url: str, token: str, truth: dict[str, bool], real_called_real: float, generated_called_real: float,
                     pair_correct: float, seed: int = 0, fetch_images: bool = True, limit: int | None = None) -> int:
     "Answer a reader's items through the HTTP API with the given rates (`limit`: stop after that many); returns the number answered."
@@ -624,6 +353,7 @@ def simulate_reader(base_url: str, token: str, truth: dict[str, bool], real_call
         n += 1
     return n
 
+# %% ../nbs/13_reader_study.ipynb #61ea093b
 def simulate_readers(study: str | Path, base_url: str, specs: list[dict], seed: int = 0, fetch_images: bool = True) -> pd.DataFrame:
     "Add the simulated readers `specs` (`name`, `role`, the three rates) and let them answer concurrently (one thread each)."
     truth = image_truth(study); rows = []
@@ -648,6 +378,7 @@ PAPER = {  # Segal et al. 2021, section 4.4: estimate, 95 % CI (all 8 readers); 
     'reals called real': (0.73, 0.63, 0.82), 'generated called generated': (0.61, 0.51, 0.70),
     'generated called real': (0.39, 0.30, 0.49), 'HYPE∞ (error rate)': (0.33, 0.24, 0.43), 'pairs: real picked': (0.71, 0.55, 0.86)}
 
+# %% ../nbs/13_reader_study.ipynb #3c93756e
 def load_answers(study: str | Path) -> pd.DataFrame:
     "One row per judged image of every answered item (reader, role, simulated, item, kind, slot, image, is_real, called_real, seconds)."
     con = connect(study)
@@ -663,13 +394,15 @@ def load_answers(study: str | Path) -> pd.DataFrame:
     df['simulated'] = df['simulation'].notna()
     return df.drop(columns='called')
 
+# %% ../nbs/13_reader_study.ipynb #3ec6c9f7
 def clopper_pearson(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
     "Exact (Clopper–Pearson) CI of a binomial proportion k/n."
-    from scipy.stats import beta
+    from scipy.stats import beta            # scipy.stats takes longer to import than the rest of the module: not at server start
     if n == 0: return (np.nan, np.nan)
     a = 1 - conf
     return (0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1)), 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k)))
 
+# %% ../nbs/13_reader_study.ipynb #c686bd18
 def two_way_bootstrap(V, n_boot: int = 10_000, seed: int = 0, conf: float = 0.95, chunk: int = 2000) -> tuple[float, float]:
     """Percentile CI of the mean of `V` (readers × units, NaN where a reader did not judge a unit) when readers and units
     are both resampled with replacement (Zhou et al. 2019); each resample's mean is over its judged cells."""
@@ -694,9 +427,48 @@ def _expected(df: pd.DataFrame) -> pd.DataFrame:
         p_pair=[np.nan if s is None else s['pair_correct'] for s in sims]), index=df.index)
     return e
 
+def _proportions(grid: pd.DataFrame, pair: pd.DataFrame, e: pd.DataFrame) -> dict:
+    "statistic -> (the judgements it counts, 1 for a success, H1 direction, the rate a simulated reader has per judgement)."
+    real, gen = grid[grid.is_real == 1], grid[grid.is_real == 0]
+    picked = pair[pair['called_real'] == 1]                     # one row per answered pair: the image picked as real
+    return {
+        'reals called real': (real, real['called_real'], 'greater', e.loc[real.index, 'p_real']),
+        'generated called generated': (gen, 1 - gen['called_real'], 'greater', 1 - e.loc[gen.index, 'p_real']),
+        'generated called real': (gen, gen['called_real'], 'less', e.loc[gen.index, 'p_real']),
+        'HYPE∞ (error rate)': (grid, (grid['called_real'] != grid['is_real']).astype(int), 'less',
+                               np.where(grid['is_real'] == 1, 1 - e.loc[grid.index, 'p_real'], e.loc[grid.index, 'p_real'])),
+        'pairs: real picked': (picked, picked['is_real'], 'greater', e.loc[picked.index, 'p_pair']),
+    }
+
+# %% ../nbs/13_reader_study.ipynb #8af9b9f2
+def _proportion_row(stat: str, sub: pd.DataFrame, y, alt: str, exp, group: str, n_boot: int, seed: int, conf: float) -> dict:
+    "One statistic of one group: k of n, its CI (Clopper–Pearson; HYPE∞: two-way bootstrap), one-sided test, simulated rate, the paper's value."
+    from scipy.stats import binomtest       # not at server start (see clopper_pearson)
+    n, k = len(y), int(np.asarray(y).sum())
+    V = pd.DataFrame(dict(reader=sub['reader'], unit=sub['image'] if stat != 'pairs: real picked' else sub['item'], y=np.asarray(y, float))
+                     ).pivot_table(index='reader', columns='unit', values='y', aggfunc='mean').to_numpy() if n else np.zeros((0, 0))
+    lo, hi = clopper_pearson(k, n, conf); blo, bhi = two_way_bootstrap(V, n_boot, seed, conf)
+    boot_primary = stat.startswith('HYPE')
+    pv = binomtest(k, n, 0.5, alternative=alt).pvalue if n else np.nan
+    exp = np.asarray(exp, float)
+    return dict(statistic=stat, n_readers=sub['reader'].nunique(), n=n, k=k,
+                estimate=k / n if n else np.nan, ci_low=blo if boot_primary else lo, ci_high=bhi if boot_primary else hi,
+                ci_method='two-way bootstrap (readers × images), percentile' if boot_primary else 'Clopper–Pearson exact',
+                boot_low=blo, boot_high=bhi, h1=f"{'>' if alt == 'greater' else '<'} 0.5", p_one_sided=pv,
+                simulated_rate=float(np.mean(exp)) if len(exp) and not np.isnan(exp).any() else np.nan,
+                paper=PAPER[stat][0] if group == 'all' else np.nan, paper_ci_low=PAPER[stat][1] if group == 'all' else np.nan,
+                paper_ci_high=PAPER[stat][2] if group == 'all' else np.nan)
+
+def _time_row(kind: str, sub: pd.DataFrame) -> dict:
+    "Median seconds per item of one kind (each answered item once) and their interquartile range."
+    t = sub.drop_duplicates(['reader', 'item'])['seconds'].dropna()
+    return dict(statistic=f'seconds per {kind}', n_readers=sub['reader'].nunique(), n=len(t), k=np.nan,
+                estimate=t.median() if len(t) else np.nan, ci_low=t.quantile(0.25) if len(t) else np.nan,
+                ci_high=t.quantile(0.75) if len(t) else np.nan, ci_method='median and interquartile range')
+
+# %% ../nbs/13_reader_study.ipynb #40401735
 def analyse(answers: pd.DataFrame, n_boot: int = 10_000, seed: int = 0, conf: float = 0.95) -> pd.DataFrame:
     "The reader-study table: every statistic for all readers and each role, CIs, one-sided tests, the paper's numbers and (simulated readers) the rates to recover."
-    from scipy.stats import binomtest
     df = answers.reset_index(drop=True); E = _expected(df)
     kind_readers = 'simulated readers' if df['simulated'].all() else ('human readers' if not df['simulated'].any() else 'human and simulated readers')
     groups = [('all', df.index)] + [(r, df.index[df['role'] == r]) for r in ROLES if (df['role'] == r).any()]
@@ -704,38 +476,10 @@ def analyse(answers: pd.DataFrame, n_boot: int = 10_000, seed: int = 0, conf: fl
     for g, idx in groups:
         d, e = df.loc[idx], E.loc[idx]
         grid, pair = d[d['kind'] == 'grid'], d[d['kind'] == 'pair']
-        picked = pair[pair['called_real'] == 1]                     # one row per answered pair: the image picked as real
-        specs = {
-            'reals called real': (grid[grid.is_real == 1], grid[grid.is_real == 1]['called_real'], 'greater',
-                                  e.loc[grid.index[grid.is_real == 1], 'p_real']),
-            'generated called generated': (grid[grid.is_real == 0], 1 - grid[grid.is_real == 0]['called_real'], 'greater',
-                                           1 - e.loc[grid.index[grid.is_real == 0], 'p_real']),
-            'generated called real': (grid[grid.is_real == 0], grid[grid.is_real == 0]['called_real'], 'less',
-                                      e.loc[grid.index[grid.is_real == 0], 'p_real']),
-            'HYPE∞ (error rate)': (grid, (grid['called_real'] != grid['is_real']).astype(int), 'less',
-                                   np.where(grid['is_real'] == 1, 1 - e.loc[grid.index, 'p_real'], e.loc[grid.index, 'p_real'])),
-            'pairs: real picked': (picked, picked['is_real'], 'greater', e.loc[picked.index, 'p_pair']),
-        }
-        for stat, (sub, y, alt, exp) in specs.items():
-            n, k = len(y), int(np.asarray(y).sum())
-            V = pd.DataFrame(dict(reader=sub['reader'], unit=sub['image'] if stat != 'pairs: real picked' else sub['item'], y=np.asarray(y, float))
-                             ).pivot_table(index='reader', columns='unit', values='y', aggfunc='mean').to_numpy() if n else np.zeros((0, 0))
-            lo, hi = clopper_pearson(k, n, conf); blo, bhi = two_way_bootstrap(V, n_boot, seed, conf)
-            boot_primary = stat.startswith('HYPE')
-            pv = binomtest(k, n, 0.5, alternative=alt).pvalue if n else np.nan
-            exp = np.asarray(exp, float)
-            rows.append(dict(readers=kind_readers, group=g, statistic=stat, n_readers=sub['reader'].nunique(), n=n, k=k,
-                             estimate=k / n if n else np.nan, ci_low=blo if boot_primary else lo, ci_high=bhi if boot_primary else hi,
-                             ci_method='two-way bootstrap (readers × images), percentile' if boot_primary else 'Clopper–Pearson exact',
-                             boot_low=blo, boot_high=bhi, h1=f"{'>' if alt == 'greater' else '<'} 0.5", p_one_sided=pv,
-                             simulated_rate=float(np.mean(exp)) if len(exp) and not np.isnan(exp).any() else np.nan,
-                             paper=PAPER[stat][0] if g == 'all' else np.nan, paper_ci_low=PAPER[stat][1] if g == 'all' else np.nan,
-                             paper_ci_high=PAPER[stat][2] if g == 'all' else np.nan))
+        for stat, (sub, y, alt, exp) in _proportions(grid, pair, e).items():
+            rows.append(dict(readers=kind_readers, group=g, **_proportion_row(stat, sub, y, alt, exp, g, n_boot, seed, conf)))
         for kind, sub in (('grid', grid), ('pair', pair)):
-            t = sub.drop_duplicates(['reader', 'item'])['seconds'].dropna()
-            rows.append(dict(readers=kind_readers, group=g, statistic=f'seconds per {kind}', n_readers=sub['reader'].nunique(), n=len(t), k=np.nan,
-                             estimate=t.median() if len(t) else np.nan, ci_low=t.quantile(0.25) if len(t) else np.nan,
-                             ci_high=t.quantile(0.75) if len(t) else np.nan, ci_method='median and interquartile range'))
+            rows.append(dict(readers=kind_readers, group=g, **_time_row(kind, sub)))
     out = pd.DataFrame(rows)
     out['recovered'] = [(r.ci_low <= r.simulated_rate <= r.ci_high) if pd.notna(r.simulated_rate) else np.nan for r in out.itertuples()]
     out.attrs.update(n_boot=n_boot, seed=seed, conf=conf)
@@ -795,7 +539,7 @@ register_profile('reader_study',
     paper=dict(study_path='studies/reader_study', generator='auto', real_split='test', grids=6, grid_size=6, pairs=20, display_size=260, match_resolution=True,
                simulated_readers=[], n_boot=10_000, seed=0));
 
-# %% ../nbs/13_reader_study.ipynb #2ee047ea
+# %% ../nbs/13_reader_study.ipynb #f41864bd
 def resolve_study(value) -> Path:
     "The study folder a `study_path` knob means (absolute, relative to the working folder, or to `outputs/`)."
     p = Path(str(value)).expanduser()
@@ -804,13 +548,13 @@ def resolve_study(value) -> Path:
     raise FileNotFoundError(f"study_path={value!r}: no such study (looked in {Path.cwd()} and {outputs_dir(create=False)}); create one with "
                             f"`cxr-pggan study create --real DIR --fake DIR --out {outputs_dir(create=False) / p}`, collect answers, then pass its folder")
 
+# %% ../nbs/13_reader_study.ipynb #089db884
 def generated_images(generator, n: int, profile: str, seed: int = 0) -> tuple[list, dict]:
     "`n` generated images for a study (`'random'`, `'auto'`, a checkpoint or a folder of images) and the weights they come from."
-    from cxr_pggan.features import image_paths
+    from cxr_pggan.features import image_paths          # features, pggan, latent import torch: only here (the server starts without it)
     p = Path(str(generator))
     if generator not in ('random', 'auto') and p.is_dir():
-        files = image_paths(p)
-        return files, dict(note=f'generated images read from {p}')
+        return image_paths(p), dict(note=f'generated images read from {p}')
     from cxr_pggan.pggan import sample_images
     note = None
     if generator == 'random':
@@ -820,56 +564,3 @@ def generated_images(generator, n: int, profile: str, seed: int = 0) -> tuple[li
     info = {}
     imgs = [x.numpy() for b in sample_images(gp, n, seed=seed + 1000, batch_size=32, device='cpu', info=info) for x in b]
     return imgs, dict(info, checkpoint=str(gp), **(note or {}))
-
-# %% ../nbs/13_reader_study.ipynb #b659b60b
-def study_cli(argv: list[str]) -> int:
-    "`cxr-pggan study {create,add-reader,readers,serve,export} ...`"
-    ap = CLIParser(prog='cxr-pggan study', description='A self-hosted reader study (real vs generated chest x-rays), as in paper section 4.4.')
-    sub = ap.add_subparsers(dest='cmd', required=True, metavar='{create,add-reader,readers,serve,export}')
-    c = sub.add_parser('create', help='sample the items, re-encode the images, write STUDY/study.sqlite; prints the admin token',
-                       description='Create a study: grids of images (each real with p=0.5) and real/generated pairs; truth only in the database.')
-    c.add_argument('--real', required=True, help='folder (or CSV) of real images'); c.add_argument('--fake', required=True, help='folder (or CSV) of generated images')
-    c.add_argument('--out', required=True, help='new study folder')
-    c.add_argument('--grids', type=int, default=6, help='number of grids (default 6, the paper)')
-    c.add_argument('--grid-size', type=int, default=6, help='images per grid, at most 9 (default 6)')
-    c.add_argument('--pairs', type=int, default=20, help='real/generated pairs (default 20)')
-    c.add_argument('--display', type=int, default=260, help='side of every shown image in pixels (default 260)')
-    c.add_argument('--seed', type=int, default=0, help='sampling seed (default 0)')
-    c.add_argument('--url', default='http://127.0.0.1:8765', help='the address readers open, used in their links (default http://127.0.0.1:8765; '
-                   'e.g. https://study.example.org behind a reverse proxy)')
-    c.add_argument('--no-match-resolution', action='store_true', help='do not reduce every image to the smallest image size first '
-                   '(by default, when some image is smaller than --display, all are, so sharpness does not give a set away)')
-    c.add_argument('--force', action='store_true', help='create the study in a non-empty folder beside its files (never changing them)')
-    r = sub.add_parser('add-reader', help="add a reader and print their personal link")
-    r.add_argument('study'); r.add_argument('--name', required=True); r.add_argument('--role', required=True, choices=ROLES)
-    l = sub.add_parser('readers', help='list readers, their links and progress'); l.add_argument('study')
-    s = sub.add_parser('serve', help='serve the study (waitress; loopback by default)')
-    s.add_argument('study'); s.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1, this machine only)')
-    s.add_argument('--port', type=int, default=8765, help='port (default 8765; 0 = any free port)')
-    s.add_argument('--threads', type=positive_int, default=4, help='worker threads (default 4)')
-    e = sub.add_parser('export', help='every judgement as CSV (truth included: for the analysis only)')
-    e.add_argument('study'); e.add_argument('--out', required=True, help='CSV file to write')
-    a = ap.parse_args(argv)
-    if a.cmd == 'create':
-        for k in ('real', 'fake'):
-            p = Path(getattr(a, k)).expanduser()
-            if not p.exists(): raise FileNotFoundError(f"--{k} {p}: no such folder; give a folder of {'real' if k == 'real' else 'generated'} images")
-        m = create_study(a.out, a.real, a.fake, a.grids, a.grid_size, a.pairs, a.display, a.seed, a.url, a.force, match_resolution=not a.no_match_resolution)
-        print(f"[study] {m['study']}: {m['items']} items ({a.grids} grids of {a.grid_size}, {a.pairs} pairs), {m['images']} images at {a.display}px")
-        print(f"[study] admin token (progress view {a.url.rstrip('/')}/admin?token=...; keep it private): {m['admin_token']}")
-        print(f"[study] next: cxr-pggan study add-reader {m['study']} --name NAME --role consultant|registrar|other; then cxr-pggan study serve {m['study']}")
-    elif a.cmd == 'add-reader':
-        r = add_reader(a.study, a.name, a.role)
-        print(f"[study] {r['name']} ({r['role']}): {r['link']}")
-    elif a.cmd == 'readers':
-        df = readers(a.study)
-        print(df.to_string(index=False) if len(df) else f'[study] {a.study}: no readers yet (cxr-pggan study add-reader)')
-    elif a.cmd == 'serve':
-        if not 0 <= a.port <= 65535: ap.error(f'--port must be 0..65535, got {a.port}')
-        serve(a.study, a.host, a.port, a.threads)
-    elif a.cmd == 'export':
-        study_db(a.study)
-        out = export_answers(a.study, a.out)
-        n = len(pd.read_csv(out))
-        print(f"[study] {n} judgements -> {out}" + ('' if n else ' (no answers yet: share the reader links, `cxr-pggan study readers STUDY`)'))
-    return 0

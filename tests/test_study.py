@@ -1,13 +1,16 @@
 """The reader study through the real server (a `cxr-pggan study serve` subprocess): nothing the browser receives reveals
 the truth, bad requests are refused and nothing is stored twice, concurrent readers stay apart, a SIGKILL loses no
-committed answer, and the statistics recover known rates."""
-import json, re, sqlite3, threading
+committed answer, and the statistics recover known rates. Through Flask's test client: every route wants a token and
+sends the same headers, the page loads only its own files, templates escape, and a wheel ships and serves them."""
+import json, os, re, shutil, sqlite3, subprocess, sys, textwrap, threading
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest
 from PIL import Image, PngImagePlugin
 
 from cxr_pggan import study as S
+from cxr_pggan import study_app as A
+from cxr_pggan.core import repo_root
 
 TRUTH_WORDS = re.compile(rb'\b(real_?src|fake_?src|is_real|truth|synthetic|generated_\d|fake)\b', re.I)
 
@@ -314,3 +317,100 @@ def test_analysis_recovers_known_rates():
     assert np.allclose((t.loc[('consultant', 'reals called real'), 'ci_low'], t.loc[('consultant', 'reals called real'), 'ci_high']),
                        S.clopper_pearson(k, n))
     assert t.loc[('all', 'seconds per grid'), 'estimate'] == 2.0
+
+
+# ---- the app through Flask's test client ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def client(tmp_path_factory, sources):
+    "A study with one reader and the test client of its app."
+    m = make_study(tmp_path_factory.mktemp('client'), sources)
+    r = S.add_reader(m['study'], 'T', 'other')
+    return dict(m, token=r['token'], client=A.create_app(m['study']).test_client())
+
+
+SECURITY = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer', 'X-Content-Type-Options': 'nosniff', 'X-Frame-Options': 'DENY',
+            'Content-Security-Policy': A.CSP}
+
+
+def test_every_route_wants_a_token(client):
+    "Each route of the app (found in its URL map, so a new route is covered too) refuses a request without a valid token, with the headers."
+    c = client['client']; rules = [r for r in c.application.url_map.iter_rules()]
+    assert {r.endpoint.split('.')[0] for r in rules} == {'reader', 'admin'} and len(rules) == 9
+    for rule in rules:
+        path = re.sub(r'<(\w+:)?(\w+)>', lambda m: 'x' * 32 if m.group(2) == 'token' else '0' * 32 + '.png', rule.rule)
+        for q in ({}, {'token': 'y' * 32}, {'token': client['token']} if rule.endpoint.startswith('admin') else {'token': 'z' * 32}):
+            r = c.open(path, method=sorted(rule.methods - {'HEAD', 'OPTIONS'})[0], query_string=q, json={'token': q.get('token')})
+            assert r.status_code in (403, 404), (rule.rule, q, r.status_code)
+            assert b'\x89PNG' not in r.data and client['token'].encode() not in r.data
+            assert (b'not a valid reader link' in r.data) if rule.endpoint == 'reader.page' else ('error' in r.get_json()), (rule.rule, r.data[:100])
+            assert {k: r.headers.get(k) for k in SECURITY} == SECURITY and not {'ETag', 'Last-Modified', 'Set-Cookie'} & set(r.headers)
+
+
+def test_page_runs_only_its_own_files(client):
+    "The page links its script and style (the reader's token in their paths) and holds no inline code or style, which the CSP forbids."
+    c, tok = client['client'], client['token']
+    page = c.get(f'/r/{tok}').data.decode()
+    assert "'unsafe-inline'" not in A.CSP and "style-src 'self'" in A.CSP and "script-src 'self'" in A.CSP
+    assert re.findall(r'<(?:script|link)[^>]*>', page) == [f'<link rel="stylesheet" href="/r/{tok}/reader.css">', f'<script src="/r/{tok}/reader.js">']
+    assert not re.search(r'<style|\sstyle=|\son\w+=|javascript:', page, re.I)
+    static = repo_root() / 'cxr_pggan' / 'static' / 'study'
+    for name, ctype in (('reader.js', 'text/javascript; charset=utf-8'), ('reader.css', 'text/css; charset=utf-8')):
+        r = c.get(f'/r/{tok}/{name}')
+        assert r.status_code == 200 and r.headers['Content-Type'] == ctype and r.data == (static / name).read_bytes()
+        assert {k: r.headers.get(k) for k in SECURITY} == SECURITY and 'ETag' not in r.headers and 'Last-Modified' not in r.headers
+    admin = S.read_meta(client['study'])['admin_token']
+    r = c.get('/admin/admin.css', query_string=dict(token=admin))
+    assert r.status_code == 200 and r.data == (static / 'admin.css').read_bytes()
+    assert f'/admin/admin.css?token={admin}' in c.get('/admin', query_string=dict(token=admin)).data.decode()
+
+
+def test_admin_page_escapes_names(client):
+    S.add_reader(client['study'], '<script>alert("x")</script> & Co', 'registrar')
+    admin = S.read_meta(client['study'])['admin_token']
+    body = client['client'].get('/admin', query_string=dict(token=admin)).data.decode()
+    assert '<script>' not in body and '&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; Co' in body
+
+
+def test_wheel_ships_and_serves_the_app(tmp_path):
+    "A wheel built from the tracked files (as a fresh clone has them), installed apart, serves the page, its script and style."
+    root = repo_root()
+    try: tracked = subprocess.run(['git', 'ls-files', '-z', '--', 'setup.py', 'settings.ini', 'MANIFEST.in', 'README.md', 'LICENSE', 'cxr_pggan'],
+                                  cwd=root, capture_output=True, check=True).stdout.decode().split('\0')
+    except (OSError, subprocess.CalledProcessError) as e: pytest.skip(f'no git checkout to build a wheel from: {e}')
+    pytest.importorskip('setuptools'); pytest.importorskip('wheel')              # the build backend, offline (--no-build-isolation)
+    src = tmp_path / 'src'
+    for f in filter(None, tracked):
+        (src / f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(root / f, src / f)
+    r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '-q', '-w', tmp_path / 'whl', src],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / 'whl').glob('cxr_pggan-*.whl'))
+    import zipfile
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ('templates/study/reader.html', 'templates/study/invalid_link.html', 'templates/study/admin.html', 'static/study/reader.js',
+              'static/study/reader.css', 'static/study/admin.css', 'study_schema.sql'):
+        assert f'cxr_pggan/{f}' in names, (f, sorted(n for n in names if not n.endswith('.py')))
+    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', '--target', tmp_path / 'site', wheel],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = textwrap.dedent('''
+        import sys, numpy as np
+        from pathlib import Path
+        import cxr_pggan
+        from cxr_pggan import study as S, study_app as A
+        assert Path(cxr_pggan.__file__).is_relative_to(sys.argv[1]), cxr_pggan.__file__
+        rng = np.random.default_rng(0)
+        m = S.create_study(Path(sys.argv[2]) / 'study', [rng.random((32, 32)) for _ in range(6)], [rng.random((32, 32)) for _ in range(6)],
+                           grids=1, grid_size=4, pairs=1, display=32)
+        tok = S.add_reader(m['study'], 'W', 'other')['token']; c = A.create_app(m['study']).test_client()
+        page, js, css = c.get(f'/r/{tok}'), c.get(f'/r/{tok}/reader.js'), c.get(f'/r/{tok}/reader.css')
+        assert page.status_code == js.status_code == css.status_code == 200, (page.status_code, js.status_code, css.status_code)
+        assert f'/r/{tok}/reader.css' in page.text and "fetch('/api/next" in js.text and css.text.startswith('body{')
+        print(len(page.data), len(js.data), len(css.data))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'} | dict(PYTHONPATH=str(tmp_path / 'site'))
+    r = subprocess.run([sys.executable, '-c', check, str(tmp_path / 'site'), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    page_len, js_len, css_len = map(int, r.stdout.split())
+    assert js_len == len((root / 'cxr_pggan/static/study/reader.js').read_bytes()) and css_len == len((root / 'cxr_pggan/static/study/reader.css').read_bytes())

@@ -1,5 +1,6 @@
 """The reader page in a real browser (headless Chromium driven by selenium through Debian's chromedriver): open a reader
-link, answer a grid and a pair by clicking, reload and resume at the same place, and find the answers in the database.
+link, see its style applied, answer a grid and a pair by clicking, reload and resume at the same place, and find the
+answers in the database.
 Skips when Chromium is absent, unless CXR_PGGAN_REQUIRE_BROWSER=1 (CI), where a missing browser fails."""
 import os, shutil, time
 from pathlib import Path
@@ -64,10 +65,14 @@ def test_reader_page_in_chromium(browser, tmp_path):
         wait_for(drv, "return document.body.dataset.state === 'grid' && document.querySelectorAll('.cell img').length === 6 && "
                       "Array.from(document.querySelectorAll('.cell img')).every(i => i.complete && i.naturalWidth === 160)")
         assert 'Item 1 of 5' in drv.find_element(By.ID, 'progress').text
+        # the style sheet (a file: the CSP allows no inline style) is applied: a dark page, three columns in a grid
+        assert drv.execute_script('return getComputedStyle(document.body).backgroundColor') == 'rgb(17, 17, 17)'
+        assert len(drv.execute_script("return getComputedStyle(document.getElementById('images')).gridTemplateColumns").split()) == 3
         first = drv.execute_script('return document.body.dataset.item')
         cells = drv.find_elements(By.CSS_SELECTOR, '.cell')
         cells[0].click(); cells[3].click(); cells[3].click(); cells[4].click()          # 3 toggled off again: 0 and 4 called real
         assert [c.get_attribute('aria-pressed') for c in cells] == ['true', 'false', 'false', 'false', 'true', 'false']
+        assert drv.execute_script('return getComputedStyle(arguments[0]).borderTopColor', cells[0]) == 'rgb(46, 204, 113)'   # selected: green
         shot = Path(os.environ.get('CXR_PGGAN_OUTPUTS', tmp_path)) / 'screenshots' / 'reader_study_page.png'
         shot.parent.mkdir(parents=True, exist_ok=True); drv.save_screenshot(str(shot))
         print(f'\nscreenshot of the reader page: {shot}')
