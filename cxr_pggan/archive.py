@@ -4,20 +4,27 @@
 
 # %% ../nbs/11_archive.ipynb #31059c1d
 from __future__ import annotations
-import argparse, json, math, os, sys, time, warnings
+import argparse, dataclasses, json, math, os, re, shutil, sys, time, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+from PIL import Image
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int,
                             progress, register_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
-from .data import LABELS, FINDINGS
+from .classifier import CXRClassifier, load_classifier
+from .data import LABELS, FINDINGS, load_metadata, parse_labels, read_image
 from .experiment import artifact
 from .latent import optimise_class, class_index, label_set
 from .pggan import as_image_generator
+from .privacy import release_cli
 
 # %% auto #0
 __all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients', 'choose_class', 'label_gap', 'canonical',
-           'reference_combos', 'choose_target', 'final_labels', 'make_patient', 'archive_rows', 'prevalence_table',
-           'plan_conflicts', 'ArchiveConvergenceError', 'build_archive', 'finalise_archive', 'archive_cli']
+           'reference_combos', 'choose_target', 'final_labels', 'patient_candidates', 'make_patient', 'ArchiveConfig',
+           'open_archive_folder', 'archive_networks', 'plan_conflicts', 'archive_plan', 'ArchiveProgress',
+           'resume_state', 'ArchiveConvergenceError', 'generate_patient', 'record_patient', 'generate_patients',
+           'archive_rows', 'prevalence_table', 'finalise_archive', 'finish_archive', 'build_archive', 'archive_parser',
+           'archive_cli']
 
 # %% ../nbs/11_archive.ipynb #970a1b80
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -25,7 +32,6 @@ ARCHIVE_FORMAT = 'cxr_pggan.archive/1'
 
 def reference_prevalence(metadata: str | Path | pd.DataFrame | None = None) -> pd.Series:
     "Per-image prevalence of each label in a reference metadata table (default: the real NIH v2020 table)."
-    from cxr_pggan.data import load_metadata
     df = metadata if isinstance(metadata, pd.DataFrame) else load_metadata(metadata)
     return df[LABELS].mean().astype(float)
 
@@ -62,7 +68,6 @@ def canonical(labels: str) -> str:
 # %% ../nbs/11_archive.ipynb #74a0a1b3
 def reference_combos(metadata: str | Path | pd.DataFrame | None = None, top: int = 40, max_labels: int = 3) -> pd.Series:
     "The `top` most frequent label sets (canonical 'Finding Labels' strings of at most `max_labels` labels) of a reference table, with their image shares."
-    from cxr_pggan.data import load_metadata
     df = metadata if isinstance(metadata, pd.DataFrame) else load_metadata(metadata)
     v = df['Finding Labels'].map(canonical).value_counts(normalize=True)
     return v[v.index.str.count(r'\|') < max_labels].head(top)
@@ -79,24 +84,12 @@ def final_labels(logits: torch.Tensor, thresholds: torch.Tensor, labels=LABELS) 
     fi = [i for i, l in enumerate(labels) if l != 'No Finding']
     return ['|'.join(labels[i] for i in fi if row[i]) or 'No Finding' for row in pos]
 
-# %% ../nbs/11_archive.ipynb #c64e8832
+# %% ../nbs/11_archive.ipynb #c64d0a6e
 def _to_png(x: torch.Tensor) -> np.ndarray:
     "(C, H, W) image in [0, 1] -> 8-bit grey (H, W)."
     return (x.float().mean(0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
-def _write_png(arr: np.ndarray, path: Path):
-    from PIL import Image
-    with atomic_path(path) as tmp:
-        with open(tmp, 'wb') as f:
-            Image.fromarray(arr).save(f, format='PNG'); f.flush(); os.fsync(f.fileno())
-
 def _patient_rng_seed(seed: int, pid: int, attempt: int) -> int: return (seed * 1_000_003 + pid * 101 + attempt) % 2**62
-
-@torch.no_grad()
-def _classify_files(clf, paths, device) -> torch.Tensor:
-    from cxr_pggan.data import read_image
-    x = torch.stack([torch.from_numpy(read_image(p))[None] for p in paths]).to(device)
-    return clf(x).float().cpu()
 
 @torch.no_grad()
 def _label_arrays(clf, arrs: np.ndarray, device) -> tuple[torch.Tensor, list[str]]:
@@ -105,14 +98,14 @@ def _label_arrays(clf, arrs: np.ndarray, device) -> tuple[torch.Tensor, list[str
     lg = clf(x).float().cpu()
     return lg, final_labels(lg, clf.thresholds.cpu(), clf.labels)
 
-def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps: int, lr: float, candidates: int,
-                 max_attempts: int, sigma: float, jitter: bool, device, gap=None, exclusive: bool = False,
-                 local_pool: int = 3, normalise: bool = True) -> dict | None:
-    """Optimise z*'s for `cls` (a class or, with `exclusive`, a label set); each converged z* whose own labels are (carry)
-    `cls` becomes a candidate patient: z*, then k−1 local samples z* + σ·N(0, I), labelled in memory exactly as its PNGs
-    will read. With a `gap` (labels -> distance to the reference), k−1 of `local_pool`·(k−1) local draws are kept greedily
-    and the candidate with the smallest gap is written; without, the first draws and the first candidate. The PNGs are
-    labelled again from disk. `None` when no candidate appears in `max_attempts` attempts."""
+# %% ../nbs/11_archive.ipynb #98a05bda
+def patient_candidates(G, clf, pid: int, k: int, cls: str, seed: int, steps: int, lr: float, candidates: int, max_attempts: int,
+                       sigma: float, jitter: bool, device, gap=None, exclusive: bool = False, local_pool: int = 3,
+                       normalise: bool = True) -> tuple[list[dict], object, int] | None:
+    """Up to `max_attempts` attempts of `candidates` latents optimised for `cls` (`latent.optimise_class`), until one
+    converges whose own labels are (carry) `cls`; each such z* becomes a candidate: its k images (z*, then k−1 of the
+    (k−1)·`local_pool` local samples z* + σ·N(0, I), greedily by `gap`, or the first k−1 without) as 8-bit arrays with
+    their labels. Returns `(candidates, the optimisation's result, attempt)`, `None` when no attempt gave one."""
     cs = label_set(cls, clf.labels); target = '|'.join(clf.labels[j] for j in cs); G = G.to(device)
     for attempt in range(max_attempts):
         s = _patient_rng_seed(seed, pid, attempt)
@@ -133,10 +126,33 @@ def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps
                 rest = [i for i in range(1, m + 1) if i not in keep]
                 keep.append(rest[0] if gap is None else min(rest, key=lambda i: gap([labs[q] for q in keep + [i]])))
             cands.append(dict(j=j, arrs=arrs[keep], labels=[labs[q] for q in keep]))
-        if cands: break
-    else: return None
+        if cands: return cands, r, attempt
+    return None
+
+# %% ../nbs/11_archive.ipynb #c64e8832
+def _write_png(arr: np.ndarray, path: Path):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
+            Image.fromarray(arr).save(f, format='PNG'); f.flush(); os.fsync(f.fileno())
+
+@torch.no_grad()
+def _classify_files(clf, paths, device) -> torch.Tensor:
+    x = torch.stack([torch.from_numpy(read_image(p))[None] for p in paths]).to(device)
+    return clf(x).float().cpu()
+
+def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps: int, lr: float, candidates: int,
+                 max_attempts: int, sigma: float, jitter: bool, device, gap=None, exclusive: bool = False,
+                 local_pool: int = 3, normalise: bool = True) -> dict | None:
+    """Optimise z*'s for `cls` (a class or, with `exclusive`, a label set) and write one patient: of the
+    `patient_candidates`, the one with the smallest `gap` (labels -> distance to the reference; without, the first),
+    as `out/images/<pid>_<follow-up>.png`, labelled again from disk. Returns its record; `None` when no candidate
+    appears in `max_attempts` attempts."""
+    found = patient_candidates(G, clf, pid, k, cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device, gap, exclusive,
+                               local_pool, normalise)
+    if found is None: return None
+    cands, r, attempt = found
     best = min(cands, key=lambda d: gap(d['labels'])) if gap is not None else cands[0]
-    i = best['j']
+    i, target = best['j'], '|'.join(clf.labels[j] for j in label_set(cls, clf.labels))
     names = [f'{pid:08d}_{fu:03d}.png' for fu in range(k)]
     check_all_writable([out / 'images' / nm for nm in names], out)     # never over a file that was there before (--force)
     for arr, nm in zip(best['arrs'], names): _write_png(arr, out / 'images' / nm)
@@ -145,6 +161,107 @@ def make_patient(G, clf, out: Path, pid: int, k: int, cls: str, seed: int, steps
     return dict(pid=pid, target=target, attempts=attempt + 1, candidates=len(cands), steps=int(r.steps[i]), z_star=r.z[i].tolist(),
                 images=[dict(name=nm, follow_up=fu, labels=l, logits=[round(float(v), 5) for v in lg])
                         for fu, (nm, l, lg) in enumerate(zip(names, labs, logits))])
+
+# %% ../nbs/11_archive.ipynb #a71ff691
+@dataclass
+class ArchiveConfig:
+    "Every knob of `build_archive` but the networks, N and the folder; the defaults are `cxr-pggan archive`'s."
+    # what the archive follows
+    reference: str | Path | pd.Series | None = None   # metadata CSV whose label proportions to follow, or a prevalence Series (None: the real NIH v2020 table)
+    tolerance: float = 0.05                          # stated tolerance on |archive − reference| per label prevalence (reported, not enforced)
+    images_per_patient: tuple | int = (3, 6)         # k ~ U{lo..hi} images per patient (an int: exactly k)
+    # how each patient is optimised (Algorithm 1)
+    sigma: float = 0.2                               # local samples z* + σ·N(0, I) for follow-ups 1..k−1
+    steps: int = 100                                 # gradient steps per latent
+    lr: float = 0.05                                 # step size
+    candidates: int = 4                              # latents optimised together per attempt
+    max_attempts: int = 5                            # attempts per target before it is dropped from the archive
+    jitter: bool = False                             # small random shifts of the images during optimisation
+    exclusive: bool = True                           # optimise a whole label set, other findings pushed down (False: the paper's one class)
+    match_reference: bool = True                     # choose candidates and local samples greedily to match the reference (False: the first ones)
+    normalise: bool = True                           # normalised gradient steps (False: the paper's plain z += lr·grad)
+    seed: int = 0                                    # the plan and every patient's latents
+    # run
+    device: str | None = None                        # 'cuda', 'cuda:1', 'cpu' (None: cuda:LOCAL_RANK when present)
+    trust_pickle: bool = False                       # allow full unpickling of a trusted GAN checkpoint
+    force: bool = False                              # write into a non-empty folder beside its files (never changing them)
+    time_budget: str | float | None = None           # e.g. '11h30m': stop cleanly after the patient that would overrun it
+    resume_from: str | Path | None = None            # an unfinished archive in a read-only folder: copied into the new `out`, then continued
+
+    @classmethod
+    def from_params(cls, P: dict, **overrides) -> 'ArchiveConfig':
+        "The knobs of a parameter dict (the profile's 'archive' section; other keys are ignored), then `overrides`."
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**({k: v for k, v in P.items() if k in names} | overrides))
+
+# %% ../nbs/11_archive.ipynb #966fc9fe
+def open_archive_folder(out: Path, n: int, config: ArchiveConfig) -> tuple[int, int, int]:
+    """Make `out` this archive's folder: with `resume_from`, first a copy of that unfinished archive (into a new or
+    empty `out`); claimed by rank 0; under torchrun every rank joins the process group. Returns (rank, world, local rank)."""
+    if config.resume_from is not None and dist_env()['rank'] == 0 and not (out / 'archive.json').exists():
+        src = Path(config.resume_from)
+        if not (src / 'archive.json').is_file():
+            raise FileNotFoundError(f"resume_from {src}: no archive.json there; give the folder of an unfinished archive (the --out of the earlier run)")
+        if out.exists() and any(out.iterdir()): raise OutputExistsError(f"{out} is not empty; resume_from copies {src} into a new or empty folder")
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        for p in [out, *out.rglob('*')]: p.chmod(p.stat().st_mode | 0o200)        # the copy of a read-only input is ours to write
+    env = dist_env(); rank, world, local = env['rank'], env['world'], env['local_rank']
+    if n < 1: raise ValueError(f"n must be >= 1, got {n}")
+    if rank == 0: claim_folder(out, 'archive', force=config.force, adopt=lambda f: (f / 'archive.json').is_file())
+    if world > 1 and not torch.distributed.is_initialized(): torch.distributed.init_process_group('gloo')
+    if world > 1: torch.distributed.barrier()
+    (out / 'images').mkdir(parents=True, exist_ok=True); (out / 'records').mkdir(exist_ok=True)
+    return rank, world, local
+
+# %% ../nbs/11_archive.ipynb #4b578e6b
+def archive_networks(generator, classifier, device, trust_pickle: bool = False) -> tuple:
+    "The image generator (`pggan.as_image_generator`) and the classifier (a checkpoint or a `CXRClassifier`) on `device`, in eval mode."
+    G = as_image_generator(generator, trust_pickle=trust_pickle)
+    clf = classifier if isinstance(classifier, CXRClassifier) else load_classifier(classifier)
+    clf = clf.to(device).eval()
+    if list(clf.labels) != LABELS: raise ValueError(f"the classifier's labels {clf.labels} are not the canonical order {LABELS}")
+    return G, clf
+
+# %% ../nbs/11_archive.ipynb #e6ed2b74
+def plan_conflicts(out: str | Path, n: int, seed: int, generator_sha256: str | None, classifier_sha256: str | None) -> dict:
+    "Settings in which the archive plan in `out` (if any) differs from these: name -> (existing, requested); empty when it can be resumed."
+    p = Path(out) / 'archive.json'
+    if not p.exists(): return {}
+    plan = json.loads(p.read_text())
+    want = dict(n=n, seed=seed, generator_sha256=generator_sha256, classifier_sha256=classifier_sha256)
+    return {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
+
+# %% ../nbs/11_archive.ipynb #b267d1be
+def archive_plan(out: Path, n: int, G, clf, classifier, config: ArchiveConfig, device, rank: int = 0, world: int = 1) -> tuple[dict, pd.Series]:
+    """The plan in `out/archive.json`: written on the first run (N, images per patient, seeds, the reference's proportions
+    and label sets, the networks' hashes and resolution), else read and checked against these settings. Returns it and
+    the reference prevalence the targets follow."""
+    c, reference, plan_path = config, config.reference, out / 'archive.json'
+    gsha = (G.weights or {}).get('sha256'); csha = file_sha256(classifier) if isinstance(classifier, (str, Path)) else None
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        bad = plan_conflicts(out, n, c.seed, gsha, csha)
+        if bad: raise ValueError(f"{plan_path}: this folder holds an archive made with other settings {bad} (existing, requested); "
+                                 "use a new --out folder or the original settings to resume")
+        return plan, pd.Series(plan['reference_prevalence'])
+    prev = reference if isinstance(reference, pd.Series) else reference_prevalence(reference)
+    # label sets to aim for: the reference's most frequent combinations (single labels when only prevalences are given)
+    combos = list(LABELS) if isinstance(reference, pd.Series) else list(reference_combos(reference).index)
+    plan = dict(format=ARCHIVE_FORMAT, n=n, seed=c.seed, patients=plan_patients(n, c.images_per_patient, c.seed),
+                reference=str(reference) if reference is not None and not isinstance(reference, pd.Series) else 'NIH v2020 (torchxrayvision)',
+                reference_prevalence=prev[LABELS].to_dict(), tolerance=c.tolerance, sigma=c.sigma, steps=c.steps, lr=c.lr,
+                candidates=c.candidates, max_attempts=c.max_attempts, jitter=c.jitter, exclusive=c.exclusive, reference_combos=combos,
+                match_reference=c.match_reference, normalise=c.normalise, images_per_patient=[int(v) for v in np.atleast_1d(c.images_per_patient)],
+                resolution=None, labels=LABELS, thresholds=clf.thresholds.cpu().tolist(), generator=G.weights,
+                generator_sha256=gsha, classifier=str(classifier) if csha else None, classifier_sha256=csha)
+    with torch.no_grad(): plan['resolution'] = int(G.to(device)(torch.zeros(1, G.latent_dim, device=device)).shape[-1])
+    if plan['resolution'] < clf.input_size:
+        warnings.warn(f"the generator makes {plan['resolution']}² images but the classifier reads {clf.input_size}²: generated images "
+                      "are upscaled and a classifier trained on sharper images tends to read the blur as findings; train it at "
+                      f"input_size <= {plan['resolution']}", stacklevel=3)
+    if rank == 0: atomic_write(plan_path, json.dumps(plan, indent=1))
+    if world > 1: torch.distributed.barrier()
+    return json.loads(plan_path.read_text()), prev
 
 # %% ../nbs/11_archive.ipynb #78f11162
 def _load_records(rec_dir: Path) -> dict[int, dict]:
@@ -155,6 +272,26 @@ def _load_records(rec_dir: Path) -> dict[int, dict]:
         out[int(r['pid'])] = r
     return out
 
+@dataclass
+class ArchiveProgress:
+    "The patients written so far (id -> record), the label counts and images they add up to, the targets dropped in this run, and this rank's patients still to do."
+    records: dict
+    todo: list
+    counts: pd.Series = field(default_factory=lambda: pd.Series(0.0, index=LABELS))
+    n_done: int = 0
+    dropped: set = field(default_factory=set)
+    def add(self, pid: int, record: dict):
+        "Count a written patient."
+        self.records[pid] = record
+        for im in record['images']:
+            self.n_done += 1
+            for l in im['labels'].split('|'): self.counts[l] += 1
+    def reload(self, rec_dir: Path):
+        "Count again from the records on disk (other ranks' patients included)."
+        self.records, self.n_done = {}, 0; self.counts[:] = 0.0
+        for pid, r in _load_records(rec_dir).items(): self.add(pid, r)
+
+# %% ../nbs/11_archive.ipynb #f0f9acc7
 def _cleanup_tmp(folder: Path) -> int:
     "Delete temporary files left by a killed run (atomic writes use hidden '.<name>.*.tmp' names)."
     n, foreign = 0, foreign_files(folder.parent)
@@ -164,6 +301,65 @@ def _cleanup_tmp(folder: Path) -> int:
         except FileNotFoundError: pass
     return n
 
+def resume_state(out: Path, plan: dict, rank: int = 0, world: int = 1) -> ArchiveProgress:
+    """Where a (killed, resumed, sharded) archive stands: temporary files of a killed run deleted, the records on disk
+    counted, and the patients of this rank (r, r + W, …) that have no record yet, in order."""
+    _cleanup_tmp(out / 'images'); _cleanup_tmp(out / 'records')
+    records = _load_records(out / 'records')
+    state = ArchiveProgress({}, [pid for pid in range(len(plan['patients'])) if pid % world == rank and pid not in records])
+    for pid, r in records.items(): state.add(pid, r)
+    return state
+
+# %% ../nbs/11_archive.ipynb #5feda479
+class ArchiveConvergenceError(ValueError):
+    "No target label set can be reached with this generator and classifier (the message says which, after how much work, and what to change)."
+
+# %% ../nbs/11_archive.ipynb #a4c6f502
+def generate_patient(G, clf, out: Path, pid: int, plan: dict, prev: pd.Series, state: ArchiveProgress, config: ArchiveConfig, device) -> dict:
+    """Patient `pid`: the target the archive needs most now (`choose_target`; one-class: `choose_class`), written by
+    `make_patient`; a target that fails `max_attempts` times is dropped from this run (warned) and the next one tried.
+    `ArchiveConvergenceError` when no target is left."""
+    c, k, exclusive = config, plan['patients'][pid], plan.get('exclusive', False)
+    combos = plan.get('reference_combos') or list(LABELS)
+    while True:
+        allowed = [l for l in (combos if exclusive else LABELS) if l not in state.dropped]
+        if not allowed: raise ArchiveConvergenceError(
+            f"no target converges with this generator and classifier: {', '.join(sorted(state.dropped))} each failed {c.max_attempts} "
+            f"attempt(s) of {c.candidates} candidate latent(s) x {c.steps} step(s) (lr {c.lr}) without reaching the classifier's thresholds; "
+            "raise --steps, --lr, --candidates or --max-attempts, or use a trained classifier (`cxr-pggan train-classifier`) and "
+            "generator whose images reach its thresholds")
+        cls = choose_target(prev, state.counts, state.n_done, k, allowed) if exclusive else choose_class(prev, state.counts, state.n_done, k, allowed)
+        rec = make_patient(G, clf, out, pid, k, cls, c.seed, c.steps, c.lr, c.candidates, c.max_attempts, c.sigma, c.jitter, device,
+                           gap=(lambda labs: label_gap(prev, state.counts, state.n_done, labs)) if plan.get('match_reference', True) else None,
+                           exclusive=exclusive, normalise=plan.get('normalise', True))
+        if rec is not None: return rec
+        warnings.warn(f"class {cls!r}: no latent converged with that label in {c.max_attempts} attempts of {c.candidates}; "
+                      "dropping it from this archive (see dropped_classes)")
+        state.dropped.add(cls)
+
+# %% ../nbs/11_archive.ipynb #213b5135
+def record_patient(out: Path, pid: int, record: dict, state: ArchiveProgress) -> None:
+    "Write a patient's record (`records/<pid>.json`, atomically, after its PNGs: a patient without a record is redone) and count it."
+    record['dropped_classes'] = sorted(state.dropped)
+    atomic_write(out / 'records' / f'{pid:08d}.json', json.dumps(record))
+    state.add(pid, record)
+
+# %% ../nbs/11_archive.ipynb #2920e2d6
+def generate_patients(G, clf, out: Path, plan: dict, prev: pd.Series, state: ArchiveProgress, config: ArchiveConfig, device,
+                      budget: TimeBudget, rank: int = 0, world: int = 1) -> tuple[int, bool]:
+    """This rank's patients still to do (`state.todo`), one after another (`generate_patient`, `record_patient`); under
+    torchrun the other ranks' records are counted every 16 patients. Stops after the patient that would overrun `budget`.
+    Returns the images written and whether it stopped early."""
+    written, t_pat = 0, time.time()
+    for j, pid in enumerate(progress(state.todo, desc=f'archive rank {rank}', unit='patient')):
+        if world > 1 and j % 16 == 0: state.reload(out / 'records')          # other ranks' progress keeps the class mix balanced
+        record_patient(out, pid, generate_patient(G, clf, out, pid, plan, prev, state, config, device), state)
+        written += plan['patients'][pid]
+        budget.step_took(time.time() - t_pat); t_pat = time.time()
+        if budget.should_stop() and j < len(state.todo) - 1: return written, True
+    return written, False
+
+# %% ../nbs/11_archive.ipynb #38e91ff5
 def archive_rows(out: Path, records: dict[int, dict], plan: dict) -> pd.DataFrame:
     "The NIH-layout metadata frame of a finished archive (one row per image, in patient/follow-up order)."
     rng = np.random.default_rng(plan['seed'])
@@ -180,136 +376,21 @@ def archive_rows(out: Path, records: dict[int, dict], plan: dict) -> pd.DataFram
 # %% ../nbs/11_archive.ipynb #acaed24c
 def prevalence_table(df: pd.DataFrame, prev: pd.Series, tolerance: float) -> pd.DataFrame:
     "Archive vs reference prevalence per label, with the absolute difference and whether it is within `tolerance`."
-    from cxr_pggan.data import parse_labels
     Y = parse_labels(df['Finding Labels'])
     t = pd.DataFrame(dict(label=LABELS, reference=prev[LABELS].to_numpy(), archive=Y.mean(0)))
     t['abs_diff'] = (t.archive - t.reference).abs(); t['within_tolerance'] = t.abs_diff <= tolerance
     return t
 
-# %% ../nbs/11_archive.ipynb #e6ed2b74
-def plan_conflicts(out: str | Path, n: int, seed: int, generator_sha256: str | None, classifier_sha256: str | None) -> dict:
-    "Settings in which the archive plan in `out` (if any) differs from these: name -> (existing, requested); empty when it can be resumed."
-    p = Path(out) / 'archive.json'
-    if not p.exists(): return {}
-    plan = json.loads(p.read_text())
-    want = dict(n=n, seed=seed, generator_sha256=generator_sha256, classifier_sha256=classifier_sha256)
-    return {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
-
-# %% ../nbs/11_archive.ipynb #4a8ae1cd
-class ArchiveConvergenceError(ValueError):
-    "No target label set can be reached with this generator and classifier (the message says which, after how much work, and what to change)."
-
-def build_archive(generator, classifier, n: int, out: str | Path, reference: str | Path | pd.Series | None = None,
-                  tolerance: float = 0.05, images_per_patient=(3, 6), sigma: float = 0.2, steps: int = 100, lr: float = 0.05,
-                  candidates: int = 4, max_attempts: int = 5, jitter: bool = False, seed: int = 0, device=None,
-                  trust_pickle: bool = False, exclusive: bool = True, match_reference: bool = True, normalise: bool = True,
-                  force: bool = False, time_budget=None, resume_from: str | Path | None = None) -> dict:
-    """Write (or resume) an archive of exactly `n` labelled synthetic images in `out`; see above. Returns a summary.
-    `time_budget` ('11h30m'): stop cleanly after the patient that would overrun it (summary `stopped`, `resume_hint`).
-    `resume_from`: an unfinished archive in a read-only folder (an earlier session's output): copied into the new, empty
-    `out` first, then continued there."""
-    from cxr_pggan.classifier import load_classifier, CXRClassifier
-    out = Path(out)
-    budget = TimeBudget(time_budget)
-    if resume_from is not None and dist_env()['rank'] == 0 and not (out / 'archive.json').exists():
-        src = Path(resume_from)
-        if not (src / 'archive.json').is_file():
-            raise FileNotFoundError(f"resume_from {src}: no archive.json there; give the folder of an unfinished archive (the --out of the earlier run)")
-        if out.exists() and any(out.iterdir()): raise OutputExistsError(f"{out} is not empty; resume_from copies {src} into a new or empty folder")
-        import shutil; shutil.copytree(src, out, dirs_exist_ok=True)
-        for p in [out, *out.rglob('*')]: p.chmod(p.stat().st_mode | 0o200)        # the copy of a read-only input is ours to write
-    env = dist_env(); rank, world, local = env['rank'], env['world'], env['local_rank']
-    if n < 1: raise ValueError(f"n must be >= 1, got {n}")
-    if rank == 0: claim_folder(out, 'archive', force=force, adopt=lambda f: (f / 'archive.json').is_file())
-    if world > 1 and not torch.distributed.is_initialized(): torch.distributed.init_process_group('gloo')
-    if world > 1: torch.distributed.barrier()
-    (out / 'images').mkdir(parents=True, exist_ok=True); rec_dir = out / 'records'; rec_dir.mkdir(exist_ok=True)
-    device = torch.device(device or (f'cuda:{local}' if torch.cuda.is_available() else 'cpu'))
-    G = as_image_generator(generator, trust_pickle=trust_pickle)
-    clf = classifier if isinstance(classifier, CXRClassifier) else load_classifier(classifier)
-    clf = clf.to(device).eval()
-    if list(clf.labels) != LABELS: raise ValueError(f"the classifier's labels {clf.labels} are not the canonical order {LABELS}")
-    gsha = (G.weights or {}).get('sha256'); csha = file_sha256(classifier) if isinstance(classifier, (str, Path)) else None
-    plan_path = out / 'archive.json'
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        bad = plan_conflicts(out, n, seed, gsha, csha)
-        if bad: raise ValueError(f"{plan_path}: this folder holds an archive made with other settings {bad} (existing, requested); "
-                                 "use a new --out folder or the original settings to resume")
-        prev = pd.Series(plan['reference_prevalence'])
-    else:
-        prev = reference if isinstance(reference, pd.Series) else reference_prevalence(reference)
-        # label sets to aim for: the reference's most frequent combinations (single labels when only prevalences are given)
-        combos = list(LABELS) if isinstance(reference, pd.Series) else list(reference_combos(reference).index)
-        plan = dict(format=ARCHIVE_FORMAT, n=n, seed=seed, patients=plan_patients(n, images_per_patient, seed),
-                    reference=str(reference) if reference is not None and not isinstance(reference, pd.Series) else 'NIH v2020 (torchxrayvision)',
-                    reference_prevalence=prev[LABELS].to_dict(), tolerance=tolerance, sigma=sigma, steps=steps, lr=lr,
-                    candidates=candidates, max_attempts=max_attempts, jitter=jitter, exclusive=exclusive, reference_combos=combos,
-                    match_reference=match_reference, normalise=normalise,
-                    images_per_patient=[int(v) for v in np.atleast_1d(images_per_patient)],
-                    resolution=None, labels=LABELS, thresholds=clf.thresholds.cpu().tolist(), generator=G.weights,
-                    generator_sha256=gsha, classifier=str(classifier) if csha else None, classifier_sha256=csha)
-        with torch.no_grad(): plan['resolution'] = int(G.to(device)(torch.zeros(1, G.latent_dim, device=device)).shape[-1])
-        if plan['resolution'] < clf.input_size:
-            warnings.warn(f"the generator makes {plan['resolution']}² images but the classifier reads {clf.input_size}²: generated images "
-                          "are upscaled and a classifier trained on sharper images tends to read the blur as findings; train it at "
-                          f"input_size <= {plan['resolution']}", stacklevel=2)
-        if rank == 0: atomic_write(plan_path, json.dumps(plan, indent=1))
-        if world > 1: torch.distributed.barrier()
-        plan = json.loads(plan_path.read_text())
-    ks = plan['patients']; exclusive = plan.get('exclusive', False)
-    match_reference, normalise = plan.get('match_reference', True), plan.get('normalise', True)
-    combos = plan.get('reference_combos') or list(LABELS)
-    _cleanup_tmp(out / 'images'); _cleanup_tmp(rec_dir)
-    dropped: set[str] = set()
-    t0, written = time.time(), 0
-    mine = [pid for pid in range(len(ks)) if pid % world == rank]
-    records = _load_records(rec_dir)
-    todo = [pid for pid in mine if pid not in records]
-    counts = pd.Series(0.0, index=LABELS); n_done = 0
-    def add(r):
-        nonlocal n_done
-        for im in r['images']:
-            n_done += 1
-            for l in im['labels'].split('|'): counts[l] += 1
-    for r in records.values(): add(r)
-    stopped, t_pat = False, time.time()
-    for j, pid in enumerate(progress(todo, desc=f'archive rank {rank}', unit='patient')):
-        if world > 1 and j % 16 == 0:                 # other ranks' progress keeps the class mix balanced
-            records = _load_records(rec_dir); counts[:] = 0.0; n_done = 0
-            for r in records.values(): add(r)
-        while True:
-            allowed = [l for l in (combos if exclusive else LABELS) if l not in dropped]
-            if not allowed: raise ArchiveConvergenceError(
-                f"no target converges with this generator and classifier: {', '.join(sorted(dropped))} each failed {max_attempts} "
-                f"attempt(s) of {candidates} candidate latent(s) x {steps} step(s) (lr {lr}) without reaching the classifier's thresholds; "
-                "raise --steps, --lr, --candidates or --max-attempts, or use a trained classifier (`cxr-pggan train-classifier`) and "
-                "generator whose images reach its thresholds")
-            cls = choose_target(prev, counts, n_done, ks[pid], allowed) if exclusive else choose_class(prev, counts, n_done, ks[pid], allowed)
-            rec = make_patient(G, clf, out, pid, ks[pid], cls, seed, steps, lr, candidates, max_attempts, sigma, jitter, device,
-                               gap=(lambda labs: label_gap(prev, counts, n_done, labs)) if match_reference else None,
-                               exclusive=exclusive, normalise=normalise)
-            if rec is not None: break
-            warnings.warn(f"class {cls!r}: no latent converged with that label in {max_attempts} attempts of {candidates}; "
-                          "dropping it from this archive (see dropped_classes)")
-            dropped.add(cls)
-        rec['dropped_classes'] = sorted(dropped)
-        atomic_write(rec_dir / f'{pid:08d}.json', json.dumps(rec))
-        records[pid] = rec; add(rec)
-        written += ks[pid]
-        budget.step_took(time.time() - t_pat); t_pat = time.time()
-        if budget.should_stop() and j < len(todo) - 1: stopped = True; break
-    if world > 1: torch.distributed.barrier()
-    summary = dict(out=str(out), rank=rank, world_size=world, written_this_run=written, seconds=time.time() - t0, stopped=stopped)
-    if stopped:
-        summary['resume_hint'] = (f"time budget {time_budget} reached: {len(records)} of {len(ks)} patients written to {out}. To continue, run the "
-                                  f"same command again, or in a new session copy it on with resume_from={out} (as attached there) and a new --out")
-        if rank == 0: print(summary['resume_hint'], flush=True)
-    elif rank == 0: summary |= finalise_archive(out)
-    if world > 1: torch.distributed.barrier()
-    return summary
-
 # %% ../nbs/11_archive.ipynb #a47dc110
+def _remove_strays(out: Path, names: set) -> tuple[list[Path], set[str]]:
+    "Delete PNGs of this writer's naming (never a user's file) that no record lists (a patient redone after a kill); returns them and the PNGs left."
+    _cleanup_tmp(out / 'images')
+    foreign = foreign_files(out)
+    ours = lambda p: re.fullmatch(r'\d{8}_\d{3}\.png', p.name) and p.resolve() not in foreign   # names this writer gives; never a user's file
+    strays = [p for p in (out / 'images').glob('*.png') if ours(p) and p.name not in names]
+    for p in strays: p.unlink()
+    return strays, {p.name for p in (out / 'images').glob('*.png') if ours(p)}
+
 def finalise_archive(out: str | Path) -> dict:
     "When every planned patient has a record: delete stray files, write the CSV (+ provenance) and check it matches the PNGs."
     out = Path(out); plan = json.loads((out / 'archive.json').read_text())
@@ -318,31 +399,55 @@ def finalise_archive(out: str | Path) -> dict:
     if missing: return dict(complete=False, patients_missing=len(missing))
     df = archive_rows(out, records, plan)
     names = set(df['Image Index'])
-    _cleanup_tmp(out / 'images')
-    import re
-    foreign = foreign_files(out)
-    ours = lambda p: re.fullmatch(r'\d{8}_\d{3}\.png', p.name) and p.resolve() not in foreign   # names this writer gives; never a user's file
-    strays = [p for p in (out / 'images').glob('*.png') if ours(p) and p.name not in names]
-    for p in strays: p.unlink()
-    on_disk = {p.name for p in (out / 'images').glob('*.png') if ours(p)}
+    strays, on_disk = _remove_strays(out, names)
     if on_disk != names or len(df) != plan['n'] or df['Image Index'].duplicated().any():
         raise RuntimeError(f"{out}: archive inconsistent: {len(on_disk)} PNGs, {len(df)} rows, n={plan['n']}, "
                            f"missing files {sorted(names - on_disk)[:5]}; delete the folder and rebuild")
     csv = out / CSV_NAME
     check_all_writable([csv, out / 'prevalence.csv'], out)
     with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
-    prev = pd.Series(plan['reference_prevalence'])
-    t = prevalence_table(df, prev, plan['tolerance'])
+    t = prevalence_table(df, pd.Series(plan['reference_prevalence']), plan['tolerance'])
     with atomic_path(out / 'prevalence.csv') as tmp: t.to_csv(tmp, index=False)
     dropped = sorted({c for r in records.values() for c in r.get('dropped_classes', [])})
-    w = {'generator': plan['generator'] or 'unknown (in-memory generator)',
-         'classifier': dict(path=plan['classifier'], sha256=plan['classifier_sha256'])}
+    w = {'generator': plan['generator'] or 'unknown (in-memory generator)', 'classifier': dict(path=plan['classifier'], sha256=plan['classifier_sha256'])}
     for f in (csv, out / 'prevalence.csv'):
         write_provenance(f, params={k: v for k, v in plan.items() if k not in ('patients', 'thresholds')}, seed=plan['seed'],
                          weights=w, extra=dict(max_abs_prevalence_diff=float(t.abs_diff.max()), dropped_classes=dropped))
     return dict(complete=True, images=len(df), patients=len(records), max_abs_prevalence_diff=float(t.abs_diff.max()),
                 within_tolerance=bool(t.within_tolerance.all()), tolerance=plan['tolerance'], dropped_classes=dropped,
                 strays_removed=len(strays), prevalence=t)
+
+# %% ../nbs/11_archive.ipynb #07882d17
+def finish_archive(out: Path, state: ArchiveProgress, plan: dict, written: int, stopped: bool, seconds: float, config: ArchiveConfig,
+                   rank: int = 0, world: int = 1) -> dict:
+    """The summary of this run: with the time budget spent, how to resume; otherwise (rank 0, after every rank is done)
+    the finished archive's (`finalise_archive`)."""
+    if world > 1: torch.distributed.barrier()
+    summary = dict(out=str(out), rank=rank, world_size=world, written_this_run=written, seconds=seconds, stopped=stopped)
+    if stopped:
+        summary['resume_hint'] = (f"time budget {config.time_budget} reached: {len(state.records)} of {len(plan['patients'])} patients written to {out}. "
+                                  f"To continue, run the same command again, or in a new session copy it on with resume_from={out} (as attached there) and a new --out")
+        if rank == 0: print(summary['resume_hint'], flush=True)
+    elif rank == 0: summary |= finalise_archive(out)
+    if world > 1: torch.distributed.barrier()
+    return summary
+
+# %% ../nbs/11_archive.ipynb #34a58fb9
+def build_archive(generator, classifier, n: int, out: str | Path, *, config: ArchiveConfig | None = None, **knobs) -> dict:
+    """Write (or resume) an archive of exactly `n` labelled synthetic images in `out`; see above. The knobs are those of
+    `ArchiveConfig` (`config`, or any of its fields by name). Returns a summary. With `time_budget` ('11h30m') it stops
+    cleanly after the patient that would overrun it (summary `stopped`, `resume_hint`); `resume_from`: an unfinished
+    archive in a read-only folder (an earlier session's output), copied into the new, empty `out` first, then continued there."""
+    config = dataclasses.replace(config or ArchiveConfig(), **knobs)
+    out, budget = Path(out), TimeBudget(config.time_budget)
+    rank, world, local = open_archive_folder(out, n, config)
+    device = torch.device(config.device or (f'cuda:{local}' if torch.cuda.is_available() else 'cpu'))
+    G, clf = archive_networks(generator, classifier, device, config.trust_pickle)
+    plan, prev = archive_plan(out, n, G, clf, classifier, config, device, rank, world)
+    state = resume_state(out, plan, rank, world)
+    t0 = time.time()
+    written, stopped = generate_patients(G, clf, out, plan, prev, state, config, device, budget, rank, world)
+    return finish_archive(out, state, plan, written, stopped, time.time() - t0, config, rank, world)
 
 # %% ../nbs/11_archive.ipynb #109c21fb
 register_profile('archive',
@@ -353,11 +458,9 @@ register_profile('archive',
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
                tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None));
 
-# %% ../nbs/11_archive.ipynb #19e06a2c
-def archive_cli(argv: list[str]) -> int:
-    if any(a == '--exclude-flagged' or a.startswith('--exclude-flagged=') for a in argv):   # a release copy of an audited archive
-        from cxr_pggan.privacy import release_cli
-        return release_cli(argv)
+# %% ../nbs/11_archive.ipynb #a14b602a
+def archive_parser() -> CLIParser:
+    "The options of `cxr-pggan archive` (building an archive; `--exclude-flagged` hands over to `privacy.release_cli`)."
     ap = CLIParser(prog='cxr-pggan archive', description='Write (or resume) a labelled synthetic cohort in the NIH layout. '
                                  'Kill it at any time and run the same command again to resume; run under torchrun to shard over GPUs.')
     ap.add_argument('--exclude-flagged', metavar='FLAGS', help='instead: copy the archive audited in FLAGS (flags.csv of `cxr-pggan audit`) to --out '
@@ -382,12 +485,19 @@ def archive_cli(argv: list[str]) -> int:
     ap.add_argument('--plain-step', action='store_true', help="the paper's plain gradient step z += lr·grad (default: normalised steps)")
     ap.add_argument('--time-budget', help="e.g. 11h30m: stop cleanly (exit 0) after the patient that would overrun it; run again to continue")
     ap.add_argument('--resume-from', metavar='DIR', help="an unfinished archive in a read-only folder (an earlier session's output): copied into --out, then continued")
-    a = ap.parse_args(argv)
+    return ap
+
+# %% ../nbs/11_archive.ipynb #19e06a2c
+def archive_cli(argv: list[str]) -> int:
+    if any(a == '--exclude-flagged' or a.startswith('--exclude-flagged=') for a in argv):   # a release copy of an audited archive
+        return release_cli(argv)
+    a = archive_parser().parse_args(argv)
     check_device(a.device)
-    s = build_archive(a.generator, a.classifier, a.n, a.out, a.reference, a.tolerance, tuple(a.images_per_patient), a.sigma,
-                          a.steps, a.lr, a.candidates, a.max_attempts, a.jitter, a.seed, a.device, a.trust_pickle,
-                          exclusive=not a.single_class, match_reference=not a.no_match, normalise=not a.plain_step, force=a.force,
-                          time_budget=a.time_budget, resume_from=a.resume_from)
+    config = ArchiveConfig(reference=a.reference, tolerance=a.tolerance, images_per_patient=tuple(a.images_per_patient), sigma=a.sigma,
+                           steps=a.steps, lr=a.lr, candidates=a.candidates, max_attempts=a.max_attempts, jitter=a.jitter, seed=a.seed,
+                           device=a.device, trust_pickle=a.trust_pickle, exclusive=not a.single_class, match_reference=not a.no_match,
+                           normalise=not a.plain_step, force=a.force, time_budget=a.time_budget, resume_from=a.resume_from)
+    s = build_archive(a.generator, a.classifier, a.n, a.out, config=config)
     if s.get('complete'):
         print(s['prevalence'].to_string(index=False, float_format='%.3f'))
         print(f"{s['images']} images of {s['patients']} patients in {a.out}; max |archive - reference| prevalence "

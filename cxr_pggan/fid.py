@@ -4,10 +4,14 @@
 
 # %% ../nbs/08_fid.ipynb #cb4b7413
 from __future__ import annotations
-import argparse, json, sys, time, warnings
+import argparse, inspect, json, sys, time, warnings
 from pathlib import Path
-import numpy as np, pandas as pd, torch
-from .core import CLIParser, atomic_path, atomic_write, register_profile, save_table, seed_everything, write_provenance
+import numpy as np, pandas as pd, sklearn.manifold, torch
+from scipy.cluster.hierarchy import dendrogram, linkage
+from scipy.spatial.distance import squareform
+from .core import (CLIParser, atomic_path, atomic_write, check_device, check_writable, register_profile, save_table,
+                            seed_everything, write_provenance)
+from .data import DISPLAY_NAMES, FINDINGS, LABELS
 from .experiment import artifact, find_artifact, resolve_dataset
 from .features import (CHECKPOINT_SUFFIXES, RANDOM_WEIGHTS_LABEL, FID_WEIGHTS_FILE, WEIGHTS_ENV, classifier_features,
                                 extract_features, fid_inception, image_set, set_features, stored_size, weights_record)
@@ -16,12 +20,13 @@ from .metrics import (METRICS, MIN_FID_N, FeatureSet, FIDResult, FIDStats, check
 
 # %% auto #0
 __all__ = ['FID_JSON_KIND', 'FID_STATS_KIND', 'comparisons', 'comparison_rows', 'resolution_note', 'class_groups',
-           'classical_mds', 'mds_embedding', 'figure5', 'fid_cli']
+           'classical_mds', 'mds_embedding', 'figure5', 'fid_parser', 'check_fid_args', 'fid_image_sets',
+           'fid_extractors', 'fid_feature_sets', 'comparable_metrics', 'save_fid_stats', 'fid_values', 'write_fid_json',
+           'fid_cli']
 
 # %% ../nbs/08_fid.ipynb #ea466c9a
 def comparisons(frame, halves=None) -> list[tuple]:
     "The paper's comparisons as `(name, set_1, mask_1, set_2, mask_2)`: halves (when given), male vs female, No Finding vs each finding."
-    from cxr_pggan.data import FINDINGS
     out = []
     if halves is not None:
         h = np.asarray(halves)
@@ -70,7 +75,6 @@ def resolution_note(a: dict, b: dict) -> str | None:
 # %% ../nbs/08_fid.ipynb #58faf9bf
 def class_groups(frame, F_: np.ndarray, min_n: int = 2) -> dict:
     "Features of the images carrying each of the 15 labels (labels with fewer than `min_n` images left out)."
-    from cxr_pggan.data import LABELS
     return {l: F_[frame[l].to_numpy() == 1] for l in LABELS if int((frame[l] == 1).sum()) >= min_n}
 
 # %% ../nbs/08_fid.ipynb #da32843b
@@ -88,16 +92,15 @@ def classical_mds(D, n_components: int = 2) -> np.ndarray:
     X = V * s * np.sqrt(w)
     return np.pad(X, ((0, 0), (0, n_components - X.shape[1])))
 
+# %% ../nbs/08_fid.ipynb #3f278836
 def _smacof(seed: int):
     "scikit-learn's metric MDS (SMACOF) on a precomputed matrix, in the parameter names of the installed version."
-    import inspect
-    from sklearn.manifold import MDS
-    have = inspect.signature(MDS.__init__).parameters
+    have = inspect.signature(sklearn.manifold.MDS.__init__).parameters
     kw = dict(n_components=2, n_init=1, random_state=seed)
     if 'metric_mds' in have: kw |= dict(metric='precomputed', metric_mds=True, init='random')   # scikit-learn >= 1.8
     else: kw |= dict(metric=True, dissimilarity='precomputed')                                   # older: `dissimilarity=`
     if 'normalized_stress' in have: kw['normalized_stress'] = 'auto'
-    return MDS(**{k: v for k, v in kw.items() if k in have})
+    return sklearn.manifold.MDS(**{k: v for k, v in kw.items() if k in have})
 
 def mds_embedding(D, seed: int = 0) -> np.ndarray:
     """2-D metric MDS (SMACOF) of a precomputed distance matrix, started from our own `classical_mds` (negative
@@ -115,9 +118,6 @@ def figure5(P_matrix, ns: dict, title_note: str = '', seed: int = 0):
     """Figure 5: pairwise class FID heatmap; the 2-D metric MDS and the average-linkage dendrogram of √FID (the Fréchet
     distance between the fitted Gaussians, a metric; FID itself is its square)."""
     import matplotlib.pyplot as plt, seaborn as sns
-    from scipy.cluster.hierarchy import linkage, dendrogram
-    from scipy.spatial.distance import squareform
-    from cxr_pggan.data import DISPLAY_NAMES
     names = list(P_matrix.index); disp = [f"{DISPLAY_NAMES.get(n, n)} (N={ns[n]})" for n in names]
     D = np.sqrt(np.clip(P_matrix.to_numpy(np.float64), 0, None)); D = (D + D.T) / 2      # √FID: the Fréchet distance
     sns.set_theme(style='whitegrid', context='paper')
@@ -150,18 +150,10 @@ register_profile('fid',
                metrics=['fid', 'kid', 'fid_cxr'], batch_size=100, workers=8, kid_subsets=100, kid_subset_size=1000, min_class_n=2, seed=0));
 
 # %% ../nbs/08_fid.ipynb #f2f86ec9
-def _load_stats(path: Path, default_meta: dict | None) -> FIDStats:
-    s = FIDStats.load(path)
-    if 'weights_sha256' not in s.meta:
-        warnings.warn(f"{path}: statistics without metadata (a plain pytorch-fid .npz, N={s.n}): cannot check they were made with "
-                      "the same network, weights and resizing", stacklevel=2)
-        if default_meta: s.meta = {**default_meta, 'n': s.n}
-    return s
-
 FID_JSON_KIND, FID_STATS_KIND = 'fid result', 'fid statistics'     # provenance kinds of `fid --json` and `--save-stats` files
 
-def fid_cli(argv: list[str]) -> int:
-    from cxr_pggan.core import check_device, check_writable
+def fid_parser() -> CLIParser:
+    "The options of `cxr-pggan fid`."
     ap = CLIParser(prog='cxr-pggan fid', description='Distribution metrics (FID, KID, FID_CXR, ...) between two image sets, FID exactly as '
                                  'pytorch-fid computes it; N is printed with every number. Sets: folder, CSV (path or Image Index), .npz statistics, '
                                  'or (fake) a generator checkpoint.')
@@ -185,8 +177,13 @@ def fid_cli(argv: list[str]) -> int:
     ap.add_argument('--save-stats', nargs=2, metavar=('REAL_NPZ', 'FAKE_NPZ'), help='also save both sets\' Inception statistics as .npz')
     ap.add_argument('--json', help='write the result (and its provenance) to this JSON file')
     ap.add_argument('--trust-pickle', action='store_true', help='allow pickled objects in a generator checkpoint')
-    a = ap.parse_args(argv)
-    # everything that can be checked is checked before a network is loaded or an image read
+    return ap
+
+# %% ../nbs/08_fid.ipynb #efb68964
+def check_fid_args(a: argparse.Namespace) -> tuple[str | None, list, list[str]]:
+    """Everything in the options of `fid_parser` that can be checked before a network is loaded or an image read. Returns
+    the classifier checkpoint (`--classifier`, or `--features classifier:CKPT`), the metrics (`--kid-subsets 0` leaves KID
+    out) and the feature spaces they read, in order."""
     check_device(a.device)
     for v, opt in ((a.n, '--n'), (a.batch_size, '--batch-size')):
         if v is not None and v < 1: raise ValueError(f"{opt} {v}: must be >= 1")
@@ -203,21 +200,46 @@ def fid_cli(argv: list[str]) -> int:
         ms = [m for m in ms if m.name not in ('kid', 'kid_cxr')]
     spaces = list(dict.fromkeys(m.features for m in ms))
     if 'classifier' in spaces and not clf: raise ValueError(f"metric(s) {[m.name for m in ms if m.features == 'classifier']} need --classifier CKPT")
+    return clf, ms, spaces
+
+# %% ../nbs/08_fid.ipynb #bb2c56b5
+def fid_image_sets(a: argparse.Namespace) -> tuple[dict, str | None]:
+    """The two sets (`features.image_set`: images, statistics or a generator, checked) and, when they are stored at
+    different resolutions, the note that says so (also printed to stderr)."""
     kw = dict(split=a.split, splits=a.splits, on_missing='drop' if a.drop_missing else 'raise', trust_pickle=a.trust_pickle)
-    srcs = {side: image_set(src, a.n, a.seed, **kw) for side, src in (('real', a.real), ('fake', a.fake))}
-    note = resolution_note(srcs['real'], srcs['fake'])
+    sources = {side: image_set(src, a.n, a.seed, **kw) for side, src in (('real', a.real), ('fake', a.fake))}
+    note = resolution_note(sources['real'], sources['fake'])
     if note: print(f"cxr-pggan fid: warning: {note}", file=sys.stderr)
-    is_stats = {k: v['kind'] == 'stats' for k, v in srcs.items()}
-    if all(is_stats.values()) and spaces != ['inception']: raise ValueError("both sets are statistics (.npz): only FID on Inception features can be computed")
-    t0 = time.time()
+    return sources, note
+
+# %% ../nbs/08_fid.ipynb #646fe8c8
+def fid_extractors(a: argparse.Namespace, spaces: list[str], classifier: str | None, sources: dict) -> dict:
+    """The feature extractor of each space (Inception also for `--save-stats`); none when both sets are statistics, of
+    which only FID on Inception features can be computed."""
+    if all(s['kind'] == 'stats' for s in sources.values()):
+        if spaces != ['inception']: raise ValueError("both sets are statistics (.npz): only FID on Inception features can be computed")
+        return {}
     extractors = {}
-    if not all(is_stats.values()):
-        if 'inception' in spaces or a.save_stats: extractors['inception'] = fid_inception(a.inception_weights, allow_random_weights=a.allow_random_weights)
-        if 'classifier' in spaces: extractors['classifier'] = classifier_features(clf)
+    if 'inception' in spaces or a.save_stats: extractors['inception'] = fid_inception(a.inception_weights, allow_random_weights=a.allow_random_weights)
+    if 'classifier' in spaces: extractors['classifier'] = classifier_features(classifier)
+    return extractors
+
+# %% ../nbs/08_fid.ipynb #b585731f
+def _load_stats(path: Path, default_meta: dict | None) -> FIDStats:
+    s = FIDStats.load(path)
+    if 'weights_sha256' not in s.meta:
+        warnings.warn(f"{path}: statistics without metadata (a plain pytorch-fid .npz, N={s.n}): cannot check they were made with "
+                      "the same network, weights and resizing", stacklevel=2)
+        if default_meta: s.meta = {**default_meta, 'n': s.n}
+    return s
+
+def fid_feature_sets(a: argparse.Namespace, sources: dict, extractors: dict) -> tuple[dict, dict]:
+    """`FeatureSet`s of both sides (side -> space -> set; a statistics file stands for its side's Inception space),
+    cached per image with `--cache`, and what each side was (`set_features`' record)."""
     meta = {k: e.meta for k, e in extractors.items()}
     cache = lambda e: (Path(a.cache) / f"features-{e.meta['features']}-{e.meta['weights_sha256'][:12]}.npz") if a.cache else None
     sets, info = {}, {}
-    for side, src in srcs.items():
+    for side, src in sources.items():
         sets[side] = {}
         if src['kind'] == 'stats':
             sets[side]['inception'] = FeatureSet(stats=_load_stats(Path(src['path']), meta.get('inception')), name=side); info[side] = src
@@ -225,32 +247,64 @@ def fid_cli(argv: list[str]) -> int:
         for k, e in extractors.items():
             f, info[side] = set_features(src, e, a.n, a.seed, cache(e), a.batch_size, a.workers, a.device, a.trust_pickle)
             sets[side][k] = FeatureSet(f, meta=e.meta, name=side)
-    if any(is_stats.values()):
-        if any(m.name in ('kid', 'kid_cxr') for m in ms):
-            ms = [m for m in ms if m.name not in ('kid', 'kid_cxr')]; print('cxr-pggan fid: note: KID needs per-image features; skipped for statistics', file=sys.stderr)
-        st = [x.stats if x.stats is not None else FIDStats.from_features(x.X, x.meta) for x in (sets['real']['inception'], sets['fake']['inception'])]
-        check_comparable(st[0].meta, st[1].meta)
-    if a.save_stats:
-        for side, dst in zip(('real', 'fake'), a.save_stats):
-            x = sets[side]['inception']
-            (x.stats if x.stats is not None else FIDStats.from_features(x.X, x.meta)).save(dst)
-            write_provenance(dst, params=vars(a), inputs={side: getattr(a, side)} if Path(getattr(a, side)).is_file() else None,
-                             weights=weights_record(extractors['inception']) if 'inception' in extractors else None, kind=FID_STATS_KIND)
+    return sets, info
+
+# %% ../nbs/08_fid.ipynb #da5d49b0
+def comparable_metrics(metrics: list, sets: dict, sources: dict) -> list:
+    """The metrics that can be computed: with a statistics file KID is left out (it needs per-image features; said on
+    stderr), and the Inception statistics of both sides must come from the same network, weights and resizing."""
+    if not any(s['kind'] == 'stats' for s in sources.values()): return metrics
+    if any(m.name in ('kid', 'kid_cxr') for m in metrics):
+        metrics = [m for m in metrics if m.name not in ('kid', 'kid_cxr')]; print('cxr-pggan fid: note: KID needs per-image features; skipped for statistics', file=sys.stderr)
+    st = [x.stats if x.stats is not None else FIDStats.from_features(x.X, x.meta) for x in (sets['real']['inception'], sets['fake']['inception'])]
+    check_comparable(st[0].meta, st[1].meta)
+    return metrics
+
+# %% ../nbs/08_fid.ipynb #78ea25b7
+def save_fid_stats(a: argparse.Namespace, sets: dict, extractors: dict) -> None:
+    "`--save-stats REAL_NPZ FAKE_NPZ`: both sides' Inception statistics, each with its provenance."
+    for side, dst in zip(('real', 'fake'), a.save_stats):
+        x = sets[side]['inception']
+        (x.stats if x.stats is not None else FIDStats.from_features(x.X, x.meta)).save(dst)
+        write_provenance(dst, params=vars(a), inputs={side: getattr(a, side)} if Path(getattr(a, side)).is_file() else None,
+                         weights=weights_record(extractors['inception']) if 'inception' in extractors else None, kind=FID_STATS_KIND)
+
+# %% ../nbs/08_fid.ipynb #5aee7375
+def fid_values(a: argparse.Namespace, metrics: list, spaces: list[str], sets: dict) -> tuple[dict, dict]:
+    "The metrics' values (`metrics.compute_metrics`) and, per feature space, an `FIDResult` with both N."
     n1, n2 = (next(iter(sets[s].values())).n for s in ('real', 'fake'))
-    warn_small_n(n1, n2)
-    vals = compute_metrics([m.name for m in ms], sets['real'], sets['fake'], kid_subsets=a.kid_subsets, seed=a.seed)
+    values = compute_metrics([m.name for m in metrics], sets['real'], sets['fake'], kid_subsets=a.kid_subsets, seed=a.seed)
     results = {}
     for k in spaces:
         m0 = sets['real'][k].meta or sets['fake'][k].meta
         col, kc = ('FID', 'KID') if k == 'inception' else ('FID_CXR', 'KID_CXR')
-        results[k] = FIDResult(vals.get(col, np.nan), n1, n2, k, m0.get('label', ''), bool(m0.get('random_weights')), vals.get(kc), vals.get(kc + '_std'))
-        print(results[k])
-    if a.json:
-        rec = dict(result=results[spaces[0]].asdict(), text=[str(r) for r in results.values()], metrics=vals, n_real=n1, n_fake=n2,
-                   real=info.get('real'), fake=info.get('fake'), extractors=meta, seconds=round(time.time() - t0, 2))
-        if note: rec['resolution_warning'] = note
-        if any(r.random_weights for r in results.values()): rec['warning'] = RANDOM_WEIGHTS_LABEL
-        atomic_write(a.json, json.dumps(rec, indent=1, default=str))
-        write_provenance(a.json, params=vars(a), seed=a.seed, inputs={k: v for k, v in (('real', a.real), ('fake', a.fake)) if Path(v).is_file()},
-                         weights={k: v for e in extractors.values() for k, v in weights_record(e).items()} or None, kind=FID_JSON_KIND)
+        results[k] = FIDResult(values.get(col, np.nan), n1, n2, k, m0.get('label', ''), bool(m0.get('random_weights')), values.get(kc), values.get(kc + '_std'))
+    return values, results
+
+# %% ../nbs/08_fid.ipynb #70ae8670
+def write_fid_json(a: argparse.Namespace, values: dict, results: dict, info: dict, extractors: dict, note: str | None, seconds: float) -> None:
+    "`--json FILE`: the first space's result, every result as printed, the metrics, both N and sets, the extractors; with its provenance."
+    first = next(iter(results.values()))
+    rec = dict(result=first.asdict(), text=[str(r) for r in results.values()], metrics=values, n_real=first.n1, n_fake=first.n2,
+               real=info.get('real'), fake=info.get('fake'), extractors={k: e.meta for k, e in extractors.items()}, seconds=round(seconds, 2))
+    if note: rec['resolution_warning'] = note
+    if any(r.random_weights for r in results.values()): rec['warning'] = RANDOM_WEIGHTS_LABEL
+    atomic_write(a.json, json.dumps(rec, indent=1, default=str))
+    write_provenance(a.json, params=vars(a), seed=a.seed, inputs={k: v for k, v in (('real', a.real), ('fake', a.fake)) if Path(v).is_file()},
+                     weights={k: v for e in extractors.values() for k, v in weights_record(e).items()} or None, kind=FID_JSON_KIND)
+
+# %% ../nbs/08_fid.ipynb #8c50b410
+def fid_cli(argv: list[str]) -> int:
+    a = fid_parser().parse_args(argv)
+    classifier, metrics, spaces = check_fid_args(a)                  # before any network is loaded or image read
+    sources, note = fid_image_sets(a)
+    t0 = time.time()
+    extractors = fid_extractors(a, spaces, classifier, sources)
+    sets, info = fid_feature_sets(a, sources, extractors)
+    metrics = comparable_metrics(metrics, sets, sources)
+    if a.save_stats: save_fid_stats(a, sets, extractors)
+    warn_small_n(*(next(iter(sets[s].values())).n for s in ('real', 'fake')))   # from here: the warning points at the verb's caller
+    values, results = fid_values(a, metrics, spaces, sets)
+    for r in results.values(): print(r)
+    if a.json: write_fid_json(a, values, results, info, extractors, note, time.time() - t0)
     return 0

@@ -4,14 +4,19 @@
 
 # %% ../nbs/14_privacy.ipynb #9176d6c0
 from __future__ import annotations
-import json, math, os, re, shutil, time, warnings
+import dataclasses, json, math, os, re, shutil, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np, pandas as pd
 from PIL import Image
+from scipy.stats import mannwhitneyu, norm
+from sklearn.metrics import roc_auc_score
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, check_writable, claim_folder,
+from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_all_writable, check_device, check_writable, claim_folder,
                             file_sha256, payload_digest, positive_int, progress, register_profile, save_table, seed_everything,
-                            read_record, write_provenance)
+                            read_record, write_bench_json, write_provenance)
+from .data import read_image
 from .experiment import ARTIFACTS, artifact, dataset_splits, find_artifact, resolve_dataset
 from .features import (ImageFiles, collate_images, default_device, image_paths, load_extractor, extract_features,
                                 resize_to, stored_size, weights_record)
@@ -19,11 +24,14 @@ from .features import (ImageFiles, collate_images, default_device, image_paths, 
 # %% auto #0
 __all__ = ['NIH_NAME', 'ESTIMATES', 'REID_FORMAT', 'REID_MAX_INPUT', 'FLAG_SPACES', 'image_records', 'check_disjoint', 'zscore',
            'load_grey', 'pixel_vectors', 'distance_blocks', 'nearest_neighbours', 'shift_image', 'shift_offsets',
-           'translation_dcr', 'prefilter', 'warp_images', 'alignment_grid', 'aligned_dcr', 'prdc', 'dcr_percentile',
-           'tail_threshold', 'crossfit_rate', 'reid_input_size', 'ReidNet', 'pair_scores', 'verification', 'train_reid',
-           'save_reid', 'load_reid', 'perturb', 'plant_copies', 'audit_folder', 'fingerprints', 'audit',
-           'plot_closest_pairs', 'plot_dcr_histogram', 'release_archive', 'audit_cli', 'train_reid_cli', 'release_cli',
-           'bench_dcr', 'bench_privacy_cli', 'feature_knob', 'planted_rates']
+           'translation_dcr', 'prefilter', 'warp_images', 'alignment_grid', 'coarse_shortlist', 'refine_alignment',
+           'aligned_dcr', 'prdc', 'dcr_percentile', 'tail_threshold', 'crossfit_rate', 'reid_input_size', 'ReidNet',
+           'pair_scores', 'verification', 'train_reid', 'save_reid', 'load_reid', 'perturb', 'plant_copies',
+           'AuditConfig', 'audit_folder', 'fingerprints', 'AuditSets', 'audit_sets', 'Nearest', 'Distances',
+           'pixel_distances', 'feature_distances', 'reid_scores', 'audit_thresholds', 'AuditFlags', 'flag_images',
+           'dcr_tests', 'audit_prdc', 'audit_record', 'plot_closest_pairs', 'plot_dcr_histogram', 'write_audit',
+           'audit', 'audited_flags', 'audited_images', 'release_archive', 'audit_parser', 'audit_cli', 'train_reid_cli',
+           'release_cli', 'bench_dcr', 'bench_privacy_cli', 'feature_knob', 'planted_rates']
 
 # %% ../nbs/14_privacy.ipynb #347b8fcb
 NIH_NAME = re.compile(r'^(\d{8})_(\d{3})\.\w+$')
@@ -76,6 +84,12 @@ def check_disjoint(train: pd.DataFrame, holdout: pd.DataFrame, holdout_source, f
                          f"({shared['Patient ID'].nunique()} shared patients, {len(shared)} images); {fix}")
 
 # %% ../nbs/14_privacy.ipynb #d6894293
+def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    "Per-image z-score of (N, 1, H, W) images."
+    m = x.mean((1, 2, 3), keepdim=True); s = x.std((1, 2, 3), keepdim=True, unbiased=False)
+    return (x - m) / (s + eps)
+
+# %% ../nbs/14_privacy.ipynb #115c861c
 def _grey_at(size: int):
     def f(x):
         x = resize_to(x)
@@ -83,14 +97,8 @@ def _grey_at(size: int):
         return resize_to(x, size)
     return f
 
-def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "Per-image z-score of (N, 1, H, W) images."
-    m = x.mean((1, 2, 3), keepdim=True); s = x.std((1, 2, 3), keepdim=True, unbiased=False)
-    return (x - m) / (s + eps)
-
 def load_grey(paths, size: int, batch_size: int = 64, workers: int = 0, desc: str = 'images') -> torch.Tensor:
     "(N, 1, size, size) float32 grey images in [0, 1] of the files `paths`, decoded in parallel."
-    from cxr_pggan.core import cap_workers
     dl = torch.utils.data.DataLoader(ImageFiles(list(paths), transform=_grey_at(size)), batch_size=batch_size,
                                      num_workers=cap_workers(workers), collate_fn=collate_images)
     out, bar = [], progress(total=len(dl.dataset), desc=desc, unit='img')
@@ -98,6 +106,7 @@ def load_grey(paths, size: int, batch_size: int = 64, workers: int = 0, desc: st
     bar.close()
     return torch.cat(out) if out else torch.zeros(0, 1, size, size)
 
+# %% ../nbs/14_privacy.ipynb #a0db39e3
 def pixel_vectors(images: torch.Tensor) -> np.ndarray:
     "Pixel-space vectors (N, size²) of grey images: z-scored, flattened, divided by √(size²)."
     z = zscore(images.float())
@@ -119,6 +128,7 @@ def distance_blocks(A, B, chunk: int = 4096, device=None):
             d2 = an[:, None] + bn[None, j0:j0 + chunk] - 2.0 * (a @ b.T)
             yield i0, j0, d2.clamp_(min=0).sqrt_()
 
+# %% ../nbs/14_privacy.ipynb #2f48becf
 def nearest_neighbours(Q, R, k: int = 1, chunk: int = 4096, device=None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     "Exact `k` nearest rows of `R` for every row of `Q`: distances (n, k) float64 and indices (n, k), nearest first."
     if len(R) < k: raise ValueError(f"nearest_neighbours: k={k} but the reference set has {len(R)} rows")
@@ -149,11 +159,13 @@ def shift_image(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     p = F.pad(x.reshape(-1, 1, h, w), (m,) * 4, mode='replicate')
     return p[..., m - dy:m - dy + h, m - dx:m - dx + w].reshape(x.shape)
 
+# %% ../nbs/14_privacy.ipynb #9c74075e
 def shift_offsets(max_shift: float, resolution: int) -> list[tuple[int, int]]:
     "Integer offsets (dy, dx) up to `max_shift` × `resolution` in each direction, (0, 0) first."
     m = int(round(max_shift * resolution))
     return [(0, 0)] + [(a, b) for a in range(-m, m + 1) for b in range(-m, m + 1) if (a, b) != (0, 0)]
 
+# %% ../nbs/14_privacy.ipynb #eb23b9fc
 def translation_dcr(queries, train_images: torch.Tensor, size: int, max_shift: float = 0.025, chunk: int = 4096,
                     device=None, desc: str | None = 'DCR') -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distance of each pixel-space vector in `queries` (N, size²) to its nearest training image over every shift of
@@ -190,6 +202,7 @@ def prefilter(x: torch.Tensor, size: int, chunk: int = 4096, dtype=None) -> torc
         out.append(F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1)).to(dtype or x.dtype))
     return torch.cat(out) if out else x.new_zeros((0, 1, R + corners, R + corners))
 
+# %% ../nbs/14_privacy.ipynb #bfb751a4
 def _grid(size: int, angles, device=None) -> torch.Tensor:
     "Output pixel centres of a size² image in `grid_sample` coordinates, rotated about the centre by each angle (degrees): (A, size², 2)."
     u = (2 * torch.arange(size, dtype=torch.float32, device=device) + 1) / size - 1
@@ -207,25 +220,7 @@ def warp_images(Xf: torch.Tensor, resolution: int, shifts: torch.Tensor, angles,
     out = F.grid_sample(Xf.float(), g.reshape(n, L * size, size, 2), mode='bilinear', padding_mode='border', align_corners=corners)
     return out.reshape(n, L, size * size)
 
-def _zdist(X: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The `pixel_vectors` distance between raw images X (m, L, P) and pixel vectors q (m, P), in float64, from x·q, the
-    mean and the standard deviation of each x (no z-scored copy of the m·L images)."""
-    X, q = X.double(), q.double(); P = X.shape[-1]
-    mean = X.mean(-1); sd = ((X * X).mean(-1) - mean * mean).clamp(min=0).sqrt()
-    xq = torch.bmm(X, q[:, :, None])[..., 0]
-    d2 = (q * q).sum(-1, keepdim=True) + sd ** 2 / (sd + eps) ** 2 - 2 * (xq - mean * q.sum(-1, keepdim=True)) / ((sd + eps) * math.sqrt(P))
-    return d2.clamp(min=0).sqrt()
-
-def _unique_topk(D: torch.Tensor, I: torch.Tensor, M: torch.Tensor, k: int):
-    "Per row, the k smallest distances D among distinct indices I (each index at its smallest distance), with their metadata M."
-    D, o = torch.sort(D, dim=1, stable=True); I, M = I.gather(1, o), M.gather(1, o)
-    W = D.shape[1]; pos = torch.arange(W).expand_as(I)
-    o2 = (I * W + pos).argsort(1); Is = I.gather(1, o2)
-    first = torch.ones_like(Is, dtype=torch.bool); first[:, 1:] = Is[:, 1:] != Is[:, :-1]
-    D = torch.where(torch.zeros_like(first).scatter(1, o2, first), D, torch.full_like(D, math.inf))
-    D, o = torch.sort(D, dim=1, stable=True)
-    return D[:, :k], I.gather(1, o)[:, :k], M.gather(1, o)[:, :k]
-
+# %% ../nbs/14_privacy.ipynb #9cbbbfb6
 def alignment_grid(max_shift: float, max_rotation: float, resolution: int, size: int) -> dict:
     """The transforms of `aligned_dcr` for training images at `resolution`² compared at `size`²: coarse shifts every
     `step` pixels of `resolution` (½ pixel of the pixel space), far enough that coarse + fine reach ±`max_shift` of the
@@ -239,24 +234,30 @@ def alignment_grid(max_shift: float, max_rotation: float, resolution: int, size:
     return dict(step=step, coarse=coarse, fine=[(x, y) for y in fv for x in fv],                                             # fine: (dx, dy)
                 angles=sorted([2.0 * a for a in range(-K, K + 1)], key=abs), fine_angles=[-1.0, 0.0, 1.0] if max_rotation >= 1 else [0.0])
 
-def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolution: int, size: int, max_shift: float = 0.05,
-                max_rotation: float = 3.0, shortlist: int = 8, chunk: int = 4096, refine_chunk: int | None = None, device=None,
-                desc: str | None = 'DCR') -> dict:
-    """Distance of each query image (N, 1, size, size) to its nearest training image (`train_filtered`: M images of
-    `resolution`², `prefilter`ed for `size`), the training image moved by up to `max_shift` of its size and rotated by
-    up to `max_rotation` degrees. Stage 1, exact over every training image: the coarse grid of `alignment_grid` (every
-    training image shifted, each query rotated by the coarse angles) keeps the `shortlist` closest distinct training
-    images of each query. Stage 2: each of them is aligned finely around its coarse match. Returns `dcr`, `index`,
-    `shift` (dy, dx in pixels of `resolution`), `angle` (degrees) and `shortlist` (N, k: stage 1, closest first)."""
-    dev = _dev(device); R = int(resolution); g = alignment_grid(max_shift, max_rotation, R, size); T = train_filtered.to(dev)   # once
-    n, M = len(query_images), len(T); k = min(int(shortlist), M); A = len(g['angles'])
-    refine_chunk = refine_chunk or (256 if dev.type == 'cuda' else 4)       # CPU: small blocks stay in the allocator's cache
+# %% ../nbs/14_privacy.ipynb #5420fec8
+def _unique_topk(D: torch.Tensor, I: torch.Tensor, M: torch.Tensor, k: int):
+    "Per row, the k smallest distances D among distinct indices I (each index at its smallest distance), with their metadata M."
+    D, o = torch.sort(D, dim=1, stable=True); I, M = I.gather(1, o), M.gather(1, o)
+    W = D.shape[1]; pos = torch.arange(W).expand_as(I)
+    o2 = (I * W + pos).argsort(1); Is = I.gather(1, o2)
+    first = torch.ones_like(Is, dtype=torch.bool); first[:, 1:] = Is[:, 1:] != Is[:, :-1]
+    D = torch.where(torch.zeros_like(first).scatter(1, o2, first), D, torch.full_like(D, math.inf))
+    D, o = torch.sort(D, dim=1, stable=True)
+    return D[:, :k], I.gather(1, o)[:, :k], M.gather(1, o)[:, :k]
+
+def coarse_shortlist(query_images: torch.Tensor, train_filtered: torch.Tensor, resolution: int, size: int, grid: dict, shortlist: int = 8,
+                     chunk: int = 4096, device=None, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 of `aligned_dcr`: every training image shifted by every coarse shift of `grid` (`alignment_grid`), every
+    query turned by its coarse angles, exact nearest neighbours: for each query the `shortlist` closest *distinct*
+    training images, closest first, as (distance, training index, coarse transform = shift index · angles + angle index)."""
+    dev = _dev(device); T = train_filtered.to(dev); R = int(resolution)
+    n, M = len(query_images), len(T); k = min(int(shortlist), M); A = len(grid['angles'])
     Q = query_images.float(); qv = torch.as_tensor(pixel_vectors(Q))
     rot = lambda a: F.grid_sample(Q, _grid(size, [a]).reshape(1, size, size, 2).expand(n, -1, -1, -1), mode='bilinear',
                                   padding_mode='border', align_corners=False)
-    Qr = [qv if a == 0 else torch.as_tensor(pixel_vectors(rot(a))) for a in g['angles']]
+    Qr = [qv if a == 0 else torch.as_tensor(pixel_vectors(rot(a))) for a in grid['angles']]
     D = torch.full((n, k), math.inf, dtype=torch.float64); I = torch.zeros((n, k), dtype=torch.long); Mt = torch.zeros((n, k), dtype=torch.long)
-    for o, (dy, dx) in enumerate(progress(g['coarse'], desc=desc and f'{desc}: coarse grid', unit='shift', disable=desc is None)):
+    for o, (dy, dx) in enumerate(progress(grid['coarse'], desc=desc and f'{desc}: coarse grid', unit='shift', disable=desc is None)):
         sh = torch.tensor([[[float(dx), float(dy)]]])
         ref = torch.cat([warp_images(T[s:s + chunk], R, sh.expand(len(T[s:s + chunk]), 1, 2), [0.0], size)[:, 0] for s in range(0, M, chunk)])
         ref = zscore(ref.reshape(M, 1, size, size)).flatten(1) / size                       # stays on the device
@@ -265,14 +266,35 @@ def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolu
             d, i = nearest_neighbours(Qr[ai], ref, k, chunk, dev)
             Ds.append(torch.as_tensor(d)); Is.append(torch.as_tensor(i)); Ms.append(torch.full_like(Is[-1], o * A + ai))
         D, I, Mt = _unique_topk(torch.cat(Ds, 1), torch.cat(Is, 1), torch.cat(Ms, 1), k)
-    coarse = torch.tensor(g['coarse'], dtype=torch.float32)[:, [1, 0]]                       # (dx, dy)
-    fine, fa = torch.tensor(g['fine'], dtype=torch.float32), torch.tensor(g['fine_angles'])
+    return D, I, Mt
+
+# %% ../nbs/14_privacy.ipynb #e237c217
+def _zdist(X: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The `pixel_vectors` distance between raw images X (m, L, P) and pixel vectors q (m, P), in float64, from x·q, the
+    mean and the standard deviation of each x (no z-scored copy of the m·L images)."""
+    X, q = X.double(), q.double(); P = X.shape[-1]
+    mean = X.mean(-1); sd = ((X * X).mean(-1) - mean * mean).clamp(min=0).sqrt()
+    xq = torch.bmm(X, q[:, :, None])[..., 0]
+    d2 = (q * q).sum(-1, keepdim=True) + sd ** 2 / (sd + eps) ** 2 - 2 * (xq - mean * q.sum(-1, keepdim=True)) / ((sd + eps) * math.sqrt(P))
+    return d2.clamp(min=0).sqrt()
+
+def refine_alignment(query_images: torch.Tensor, train_filtered: torch.Tensor, resolution: int, size: int, grid: dict,
+                     candidates: torch.Tensor, transforms: torch.Tensor, refine_chunk: int | None = None, device=None,
+                     desc: str | None = None) -> dict:
+    """Stage 2 of `aligned_dcr`: each query's `candidates` (n, k training indices, `coarse_shortlist`) sampled under every
+    fine shift and angle of `grid` around its coarse transform; the smallest `pixel_vectors` distance is the DCR. Returns
+    `dcr`, `index`, `shift` (dy, dx in pixels of `resolution`) and `angle` (degrees) of each query."""
+    dev = _dev(device); T = train_filtered.to(dev); R = int(resolution); n, k = candidates.shape; A = len(grid['angles'])
+    refine_chunk = refine_chunk or (256 if dev.type == 'cuda' else 4)       # CPU: small blocks stay in the allocator's cache
+    qv = torch.as_tensor(pixel_vectors(query_images.float()))
+    coarse = torch.tensor(grid['coarse'], dtype=torch.float32)[:, [1, 0]]                    # (dx, dy)
+    fine, fa = torch.tensor(grid['fine'], dtype=torch.float32), torch.tensor(grid['fine_angles'])
     S, FA = len(fine), len(fa)
     best = np.full(n, np.inf); idx = np.zeros(n, np.int64); shift = np.zeros((n, 2)); angle = np.zeros(n)
     for s in progress(range(0, n, refine_chunk), desc=desc and f'{desc}: refine', unit='chunk', disable=desc is None):
         e = min(n, s + refine_chunk); m = e - s
-        cand, meta = I[s:e].reshape(-1), Mt[s:e].reshape(-1)
-        theta = -torch.tensor(g['angles'])[meta % A]                   # a query rotated by a matches the training image rotated by -a
+        cand, meta = candidates[s:e].reshape(-1), transforms[s:e].reshape(-1)
+        theta = -torch.tensor(grid['angles'])[meta % A]                # a query rotated by a matches the training image rotated by -a
         sh = coarse[meta // A][:, None] + fine[None]                   # (m·k, S, 2)
         X = torch.empty(m * k, FA * S, size * size, device=dev)
         for t in theta.unique().tolist():                              # one grid_sample per coarse angle
@@ -282,8 +304,22 @@ def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolu
         r, jt = torch.arange(m) * k + j // (FA * S), j % (FA * S)
         best[s:e], idx[s:e] = v.numpy(), cand[r].numpy()
         shift[s:e] = sh[r, jt % S][:, [1, 0]].numpy(); angle[s:e] = (theta[r] + fa[jt // S]).numpy()
-    return dict(dcr=best, index=idx, shift=shift, angle=angle, shortlist=I.numpy())
+    return dict(dcr=best, index=idx, shift=shift, angle=angle)
 
+# %% ../nbs/14_privacy.ipynb #a69f5f46
+def aligned_dcr(query_images: torch.Tensor, train_filtered: torch.Tensor, resolution: int, size: int, max_shift: float = 0.05,
+                max_rotation: float = 3.0, shortlist: int = 8, chunk: int = 4096, refine_chunk: int | None = None, device=None,
+                desc: str | None = 'DCR') -> dict:
+    """Distance of each query image (N, 1, size, size) to its nearest training image (`train_filtered`: M images of
+    `resolution`², `prefilter`ed for `size`), the training image moved by up to `max_shift` of its size and rotated by
+    up to `max_rotation` degrees. Stage 1, exact over every training image: the coarse grid of `alignment_grid` (every
+    training image shifted, each query rotated by the coarse angles) keeps the `shortlist` closest distinct training
+    images of each query (`coarse_shortlist`). Stage 2: each of them is aligned finely around its coarse match
+    (`refine_alignment`). Returns `dcr`, `index`, `shift` (dy, dx in pixels of `resolution`), `angle` (degrees) and
+    `shortlist` (N, k: stage 1, closest first)."""
+    dev = _dev(device); R = int(resolution); g = alignment_grid(max_shift, max_rotation, R, size); T = train_filtered.to(dev)   # once
+    _, I, Mt = coarse_shortlist(query_images, T, R, size, g, shortlist, chunk, dev, desc)
+    return refine_alignment(query_images, T, R, size, g, I, Mt, refine_chunk, dev, desc) | dict(shortlist=I.numpy())
 
 # %% ../nbs/14_privacy.ipynb #b0b69184
 def prdc(real, fake, k: int = 5, chunk: int = 4096, device=None) -> dict:
@@ -310,6 +346,7 @@ def dcr_percentile(dcr, baseline) -> np.ndarray:
     b = np.sort(np.asarray(baseline, np.float64))
     return 100.0 * np.searchsorted(b, np.asarray(dcr, np.float64), side='right') / len(b)
 
+# %% ../nbs/14_privacy.ipynb #bdd3837c
 ESTIMATES = ('fit', 'empirical')
 
 def tail_threshold(x, quantile: float = 0.01, upper: bool = False, estimate: str = 'fit') -> float:
@@ -318,11 +355,11 @@ def tail_threshold(x, quantile: float = 0.01, upper: bool = False, estimate: str
     x = np.asarray(x, np.float64); q = 1 - quantile if upper else quantile
     if estimate not in ESTIMATES: raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
     if estimate == 'empirical' or len(x) < 3: return float(np.quantile(x, q))
-    from scipy.stats import norm
     t = np.log(np.clip(x, 1e-12, 1 - 1e-12) / (1 - np.clip(x, 1e-12, 1 - 1e-12))) if upper else np.log(np.maximum(x, 1e-12))
     v = t.mean() + norm.ppf(q) * t.std(ddof=1)
     return float(1 / (1 + np.exp(-v)) if upper else np.exp(v))
 
+# %% ../nbs/14_privacy.ipynb #7e76311b
 def crossfit_rate(hold_dcr, hold_pid, quantile: float = 0.01, hold_reid=None, seed: int = 0, estimate: str = 'fit') -> float:
     "Share of held-out images flagged by thresholds set on the *other* half of held-out patients (two-fold, by patient)."
     pid = np.asarray([str(p) for p in hold_pid]); u = np.unique(pid)
@@ -342,6 +379,7 @@ def reid_input_size(resolution: int) -> int:
     "Input size of the re-identification network for images of `resolution` (images are only ever downsampled to it)."
     return min(int(resolution), REID_MAX_INPUT)
 
+# %% ../nbs/14_privacy.ipynb #1e31f05b
 class ReidNet(nn.Module):
     "Siamese verification network: `embed(x)` (unit vectors) of z-scored grey images; `logit(e1, e2)` same-patient logit."
     def __init__(self, input_size: int = 32, width: int = 32, dim: int = 128):
@@ -364,16 +402,6 @@ class ReidNet(nn.Module):
     def forward(self, x1, x2): return self.logit(self.embed(x1), self.embed(x2))
 
 # %% ../nbs/14_privacy.ipynb #d9d14e1f
-def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
-    "Random integer shifts (edge-replicated) of up to `shift` px, brightness/contrast jitter and noise."
-    n, _, h, w = x.shape
-    if shift:
-        p = F.pad(x, (shift,) * 4, mode='replicate')
-        d = torch.randint(0, 2 * shift + 1, (n, 2), generator=g)
-        x = torch.stack([p[i, :, d[i, 0]:d[i, 0] + h, d[i, 1]:d[i, 1] + w] for i in range(n)])
-    a = 1 + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5); b = 0.05 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
-    return x * a + b + 0.01 * torch.randn(x.shape, generator=g)
-
 def pair_scores(model: ReidNet, x: torch.Tensor, batch_size: int = 256, device=None) -> np.ndarray:
     "Unit embeddings (N, dim) of images `x` (N, 1, H, W) in eval mode."
     dev = _dev(device); model = model.to(dev).eval(); out = []
@@ -381,10 +409,10 @@ def pair_scores(model: ReidNet, x: torch.Tensor, batch_size: int = 256, device=N
         for s in range(0, len(x), batch_size): out.append(model.embed(x[s:s + batch_size].to(dev)).float().cpu())
     return torch.cat(out).numpy()
 
+# %% ../nbs/14_privacy.ipynb #422e5b01
 def verification(model: ReidNet, x: torch.Tensor, pids, fpr: float = 0.01, device=None, max_pairs: int = 2_000_000, seed: int = 0) -> dict:
     """Verification AUC over every pair of images `x` of patients `pids` (above `max_pairs` pairs: every same-patient pair
     and a seeded random sample of the other pairs); threshold (logit) at `fpr` false positives."""
-    from sklearn.metrics import roc_auc_score
     pids = np.asarray([str(p) for p in pids]); codes = pd.factorize(pids)[0]; n = len(pids)
     e = torch.as_tensor(pair_scores(model, x, device=device))
     sampled = n * (n - 1) // 2 > max_pairs
@@ -409,6 +437,17 @@ def verification(model: ReidNet, x: torch.Tensor, pids, fpr: float = 0.01, devic
                 images=len(pids), patients=int(len(set(pids))))
 
 # %% ../nbs/14_privacy.ipynb #d4d6cc72
+def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
+    "Random integer shifts (edge-replicated) of up to `shift` px, brightness/contrast jitter and noise."
+    n, _, h, w = x.shape
+    if shift:
+        p = F.pad(x, (shift,) * 4, mode='replicate')
+        d = torch.randint(0, 2 * shift + 1, (n, 2), generator=g)
+        x = torch.stack([p[i, :, d[i, 0]:d[i, 0] + h, d[i, 1]:d[i, 1] + w] for i in range(n)])
+    a = 1 + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5); b = 0.05 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    return x * a + b + 0.01 * torch.randn(x.shape, generator=g)
+
+# %% ../nbs/14_privacy.ipynb #9bb020ac
 def train_reid(x: torch.Tensor, pids, x_val: torch.Tensor, pids_val, steps: int = 500, patients_per_batch: int = 32,
                lr: float = 2e-3, width: int = 32, dim: int = 128, input_size: int | None = None, shift: int = 2,
                seed: int = 0, device=None) -> tuple[ReidNet, dict]:
@@ -457,6 +496,7 @@ def save_reid(model: ReidNet, path: str | Path, resolution: int, record: dict) -
     write_provenance(path, params=dict(resolution=resolution, **model.config()), extra=dict(reid=record), kind='re-identification network')
     return path
 
+# %% ../nbs/14_privacy.ipynb #8678d263
 def load_reid(path: str | Path) -> tuple[ReidNet, dict]:
     "A re-identification checkpoint: the network (eval) and its record (resolution, training, held-out AUC and threshold)."
     path = Path(path)
@@ -483,17 +523,9 @@ def perturb(img: np.ndarray, size: int, dx: float = 0, dy: float = 0, gain: floa
     if noise: x = x + (rng or np.random.default_rng()).normal(0, noise, x.shape)
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-def plant_copies(train: pd.DataFrame, others: pd.DataFrame, gan_files, out: str | Path, size: int, n_planted: int,
-                 n_others: int | None = None, shift: float = 0.05, brightness: float = 0.05, noise: float = 2 / 255,
-                 rotation: float = 3.0, n_rotated: int | None = None, seed: int = 0, force: bool = False) -> pd.DataFrame:
-    """Write a test archive to `out/images`: the genuine generated images `gan_files`, `n_planted` perturbed copies of
-    training images (moved by up to ±`shift` of the image size in x and y, uniformly and by fractions of a pixel, gain
-    1 ± `brightness`, noise σ, resized to `size`; `n_rotated` of them (default a quarter) also turned by `rotation`/2 to
-    `rotation` degrees either way: kind 'planted rotated') and `n_others` images of other patients resized to `size` alone.
-    Returns (and writes as `truth.csv`) what each file is."""
-    from cxr_pggan.data import read_image
-    out = Path(out); claim_folder(out, 'privacy planted copies', force=force)
-    rng = np.random.default_rng(seed); rows = []
+# %% ../nbs/14_privacy.ipynb #35f05ce9
+def _plant_plan(train, others, gan_files, n_planted, n_others, shift, brightness, rotation, n_rotated, rng) -> tuple[list[tuple], int]:
+    "What `plant_copies` writes, in order: (kind, source file, source name, dx, dy, gain, angle) per image, and how many copies are turned."
     pick = train.iloc[np.sort(rng.choice(len(train), min(n_planted, len(train)), replace=False))]
     n_rot = len(pick) // 4 if n_rotated is None else min(int(n_rotated), len(pick))
     turned = set(rng.choice(len(pick), n_rot, replace=False).tolist()) if rotation and n_rot else set()
@@ -507,6 +539,19 @@ def plant_copies(train: pd.DataFrame, others: pd.DataFrame, gan_files, out: str 
         todo.append(('planted rotated' if ang else 'planted', Path(r['path']), r['Image Index'], round(dx, 3), round(dy, 3),
                      float(1 + rng.choice([-brightness, brightness])), round(ang, 3)))
     for _, r in oth.iterrows(): todo.append(('other patient', Path(r['path']), r['Image Index'], 0.0, 0.0, 1.0, 0.0))
+    return todo, n_rot
+
+def plant_copies(train: pd.DataFrame, others: pd.DataFrame, gan_files, out: str | Path, size: int, n_planted: int,
+                 n_others: int | None = None, shift: float = 0.05, brightness: float = 0.05, noise: float = 2 / 255,
+                 rotation: float = 3.0, n_rotated: int | None = None, seed: int = 0, force: bool = False) -> pd.DataFrame:
+    """Write a test archive to `out/images`: the genuine generated images `gan_files`, `n_planted` perturbed copies of
+    training images (moved by up to ±`shift` of the image size in x and y, uniformly and by fractions of a pixel, gain
+    1 ± `brightness`, noise σ, resized to `size`; `n_rotated` of them (default a quarter) also turned by `rotation`/2 to
+    `rotation` degrees either way: kind 'planted rotated') and `n_others` images of other patients resized to `size` alone.
+    Returns (and writes as `truth.csv`) what each file is."""
+    out = Path(out); claim_folder(out, 'privacy planted copies', force=force)
+    rng = np.random.default_rng(seed); rows = []
+    todo, n_rot = _plant_plan(train, others, gan_files, n_planted, n_others, shift, brightness, rotation, n_rotated, rng)
     paths = [out / 'images' / f'synthetic_{i:06d}.png' for i in range(len(todo))]
     check_all_writable(paths + [out / 'truth.csv'], out)
     for p, (kind, src, name, dx, dy, gain, ang) in zip(paths, todo):
@@ -521,12 +566,75 @@ def plant_copies(train: pd.DataFrame, others: pd.DataFrame, gan_files, out: str 
                                                     rotation=rotation, n_rotated=n_rot, seed=seed))
     return truth
 
+# %% ../nbs/14_privacy.ipynb #4aa5d756
+FLAG_SPACES = ('pixels', 'features', 'either')
+_PROFILE_KNOBS = dict(feature_space='feature_space', pixel_size='pixel_size', max_shift='max_shift', max_rotation='max_rotation',
+                      shortlist='shortlist', dcr_quantile='quantile', estimate='estimate', flag_space='flag_space', prdc_k='prdc_k',
+                      holdout_split='holdout_split', pairs_shown='n_pairs', batch_size='batch_size', workers='workers', seed='seed')
+
+def _check_audit_knobs(c):
+    "One line per knob an audit cannot run with (the option it comes from, the value, the choices)."
+    if not 0 < c.quantile < 0.5: raise ValueError(f"--quantile {c.quantile}: must be in (0, 0.5), e.g. 0.01 (the 1st percentile)")
+    if c.estimate not in ESTIMATES: raise ValueError(f"--estimate {c.estimate!r}: choose one of {ESTIMATES}")
+    if c.flag_space not in FLAG_SPACES: raise ValueError(f"--flag-space {c.flag_space!r}: choose one of {FLAG_SPACES}")
+    if c.feature_space != 'pixels' and c.feature_space != 'inception' and not str(c.feature_space).startswith('classifier:'):
+        raise ValueError(f"--features {c.feature_space!r}: choose pixels, inception or classifier:CKPT")
+    if c.flag_space != 'pixels' and c.feature_space == 'pixels': raise ValueError(f"--flag-space {c.flag_space} needs --features inception or classifier:CKPT")
+
+# %% ../nbs/14_privacy.ipynb #62bf3e71
+@dataclass
+class AuditConfig:
+    "Every knob of `audit`; the defaults are `cxr-pggan audit`'s."
+    # which images: with `splits`, `train` and `holdout` may be one NIH-layout folder
+    splits: str | Path | None = None        # a patient-level splits.csv (`cxr-pggan split`) selecting the training and held-out images
+    train_split: str | None = None          # its split holding the training images
+    holdout_split: str | None = None        # its split holding the held-out images: real images of OTHER patients, the baseline
+    # spaces
+    feature_space: str = 'pixels'           # second space for DCR and PRDC: 'inception', 'classifier:CKPT', or 'pixels' (pixels only)
+    inception_weights: str | Path | None = None   # pytorch-fid's pt_inception-2015-12-05 weights (never downloaded)
+    allow_random_weights: bool = False      # Inception without weights: random features, labelled as such
+    reid: str | Path | None = None          # re-identification checkpoint (`train_reid`) for the synthetic images' resolution
+    # the pixel DCR (`aligned_dcr`)
+    pixel_size: int = 32                    # pixel-space resolution (never above the smallest set's)
+    max_shift: float = 0.05                 # the training image may move by up to this fraction of its size
+    max_rotation: float = 3.0               # ... and turn by up to this many degrees
+    shortlist: int = 8                      # training images per synthetic image aligned finely after the exact coarse search
+    oversample: int = 4                     # the training images are moved and turned at up to oversample × pixel_size
+    # flags
+    quantile: float = 0.01                  # flag below this quantile of the held-out DCRs (and above 1 − it of their re-id scores)
+    estimate: str = 'fit'                   # that quantile: 'fit' (normal fit to the log-DCRs, stable with ~100 images) or 'empirical'
+    flag_space: str = 'pixels'              # space of the DCR flag: 'pixels', 'features' or 'either'
+    # PRDC and figures
+    prdc_k: int = 5                         # k of precision/recall/density/coverage
+    n_pairs: int = 8                        # closest pairs shown in closest_pairs.png
+    # compute
+    batch_size: int = 64                    # images decoded (and embedded) per batch
+    workers: int = 0                        # DataLoader workers
+    chunk: int = 4096                       # rows per exact distance block
+    device: str | None = None               # 'cpu', 'cuda', 'cuda:N' (None: cuda when present)
+    seed: int = 0                           # the cross-fitted halves of the held-out patients
+    # output
+    force: bool = False                     # write into a non-empty `out` beside its files (never changing them)
+    verbose: bool = True                    # say what is compared and what was found
+
+    def __post_init__(self): _check_audit_knobs(self)
+
+    @property
+    def dcr_space(self) -> str: return 'pixels' if self.flag_space == 'pixels' else 'features'     # the space of flags.csv's `dcr`
+
+    @classmethod
+    def from_params(cls, P: dict, **overrides) -> 'AuditConfig':
+        """The knobs of a profile's 'privacy' section (`dcr_quantile` is `quantile`, `pairs_shown` `n_pairs`; `feature_space`
+        'classifier' must be resolved first, `feature_knob`), then `overrides`."""
+        return cls(**({_PROFILE_KNOBS[k]: v for k, v in P.items() if k in _PROFILE_KNOBS} | overrides))
+
 # %% ../nbs/14_privacy.ipynb #b79620a8
 def audit_folder(synthetic: str | Path) -> Path:
     "The default output folder of an audit of `synthetic`: its sibling `<name>_audit`."
     p = Path(synthetic)
     return p.with_name(p.name + '_audit') if p.suffix.lower() != '.csv' else p.with_name(p.stem + '_audit')
 
+# %% ../nbs/14_privacy.ipynb #5a95cc6f
 def _few(names, n: int = 3) -> str:
     "The first `n` names and how many there are in all, for a one-line message."
     names = list(names)
@@ -542,12 +650,106 @@ def fingerprints(paths, desc: str | None = None) -> list[tuple[str, tuple[int, i
         st = _stat(p); out.append((file_sha256(p), st))
     return out
 
+# %% ../nbs/14_privacy.ipynb #1f9b684f
 def _describe(paths) -> dict:
     "Stored resolution (most common of the first images) and channels of an image set."
     with Image.open(paths[0]) as im: mode = im.mode
     w, h = stored_size(paths) or (0, 0)
     return dict(width=w, height=h, channels=3 if mode in ('RGB', 'RGBA', 'P', 'CMYK') else 1, mode=mode)
 
+@dataclass
+class AuditSets:
+    "The three image sets of an audit, checked (`audit_sets`): their records, how they are stored, and the sizes they are compared at."
+    sources: dict                # 'train', 'holdout', 'synthetic' -> the folder or CSV given
+    train: pd.DataFrame          # `image_records` of each set: Image Index, path, Patient ID
+    holdout: pd.DataFrame
+    synthetic: pd.DataFrame
+    stored: dict                 # set -> stored width, height, channels and mode
+    pixel_size: int              # the pixel space: the `pixel_size` asked for, never above the smallest set's resolution
+    shift_resolution: int        # the training images are moved and turned at this size (at most oversample × pixel_size)
+    reid_model: ReidNet | None = None
+    reid_record: dict | None = None
+    def sizes(self) -> str:
+        return ', '.join(f"{k} {len(getattr(self, k))} images {v['width']}×{v['height']} {v['mode']}" for k, v in self.stored.items())
+    @property
+    def mixed(self) -> bool:
+        "Whether the sets differ in resolution or channels (all are brought to one grey pixel space)."
+        return len({(v['width'], v['height']) for v in self.stored.values()}) > 1 or len({v['channels'] for v in self.stored.values()}) > 1
+    def space_note(self, c: AuditConfig) -> str:
+        "The pixel space in words: stated on the terminal and in audit.json."
+        return (f"pixel space {self.pixel_size}² grey (channel mean), antialiased downsampling, z-scored per image; training images moved by up to "
+                f"{100 * c.max_shift:g} % of their size and turned by up to {c.max_rotation:g}° (exact coarse search over every training image, "
+                f"fine alignment of the {c.shortlist} closest; rescaling is not searched) ({self.sizes()})")
+
+# %% ../nbs/14_privacy.ipynb #7de67a52
+def audit_sets(train, holdout, synthetic, config: AuditConfig) -> AuditSets:
+    """Stage 1: the three sets (`image_records`), the held-out set checked to share no patient with the training set, how
+    each is stored, the pixel space and the size the training images are aligned at; the re-identification network,
+    refused when trained for another resolution than the synthetic images'."""
+    c = config
+    tr = image_records(train, c.train_split, c.splits, '--train', min_n=max(2, c.prdc_k + 1))
+    ho = image_records(holdout, c.holdout_split, c.splits, '--holdout', min_n=2)
+    sy = image_records(synthetic, None, None, '--synthetic', min_n=1)
+    check_disjoint(tr, ho, holdout if not c.holdout_split else f'{holdout} (split {c.holdout_split} of {c.splits})')
+    if tr['Patient ID'].isna().all() or ho['Patient ID'].isna().all():
+        warnings.warn("the patients of the training or held-out images are unknown (no splits file, metadata CSV or NIH file names): "
+                      "the audit cannot check that the held-out set holds other patients", stacklevel=3)
+    info = {k: _describe(list(d['path'])) for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
+    ps = min(int(c.pixel_size), min(min(v['width'], v['height']) for v in info.values()))
+    model = rrec = None
+    if c.reid is not None:
+        model, rrec = load_reid(c.reid)
+        if info['synthetic']['width'] != rrec['resolution']:
+            raise ValueError(f"--reid {c.reid}: trained for {rrec['resolution']}² images, but the synthetic set {synthetic} is "
+                             f"{info['synthetic']['width']}²; train one for this resolution: cxr-pggan train-reid ... --resolution {info['synthetic']['width']}")
+    R = min(min(info['train']['width'], info['train']['height']), c.oversample * ps)
+    return AuditSets(dict(train=train, holdout=holdout, synthetic=synthetic), tr, ho, sy, info, ps, R, model, rrec)
+
+# %% ../nbs/14_privacy.ipynb #704380b3
+class Nearest(NamedTuple):
+    "Each query image's distance (or score) to its nearest training image, and that image's row in the training set."
+    value: np.ndarray
+    index: np.ndarray
+
+# %% ../nbs/14_privacy.ipynb #f8e64772
+@dataclass
+class Distances:
+    "The DCR of every synthetic and held-out image in one space (`pixel_distances`, `feature_distances`), and the vectors compared."
+    space: str                          # 'pixels' or 'features'
+    vectors: dict                       # 'train', 'holdout', 'synthetic' -> (n, d) vectors
+    synthetic: Nearest                  # DCR and nearest training image of each synthetic image
+    holdout: Nearest                    # ... of each held-out image: the baseline
+    shift: np.ndarray | None = None     # pixels: (dy, dx) of the aligned training image, in pixels of `shift_resolution`, per synthetic image
+    angle: np.ndarray | None = None     # pixels: its turn in degrees
+
+# %% ../nbs/14_privacy.ipynb #d24232a2
+def pixel_distances(sets: AuditSets, config: AuditConfig) -> Distances:
+    """Stage 2: the pixel DCR (`aligned_dcr`) of every synthetic and held-out image. The training images are read at
+    `shift_resolution`² (half precision: 78k NIH images at 256² are 10 GB) and low-passed once; the others at `pixel_size`²."""
+    c, ps, R, n = config, sets.pixel_size, sets.shift_resolution, len(sets.synthetic)
+    T = load_grey(sets.train['path'], R, c.batch_size, c.workers, desc='train').half()
+    grey = {k: load_grey(d['path'], ps, c.batch_size, c.workers, desc=k) for k, d in (('holdout', sets.holdout), ('synthetic', sets.synthetic))}
+    vectors = {'train': np.concatenate([pixel_vectors(resize_to(T[s:s + c.chunk].float(), ps)) for s in range(0, len(T), c.chunk)])}
+    vectors |= {k: pixel_vectors(v) for k, v in grey.items()}
+    Tf = prefilter(T, ps, c.chunk, dtype=torch.float16); del T                   # low-passed once: moved and turned per comparison
+    al = aligned_dcr(torch.cat([grey['synthetic'], grey['holdout']]), Tf, R, ps, c.max_shift, c.max_rotation, c.shortlist, c.chunk,
+                     device=c.device, desc='DCR (pixels, aligned)' if c.verbose else None)
+    return Distances('pixels', vectors, Nearest(al['dcr'][:n], al['index'][:n]), Nearest(al['dcr'][n:], al['index'][n:]),
+                     al['shift'][:n], al['angle'][:n])
+
+# %% ../nbs/14_privacy.ipynb #76e9302f
+def feature_distances(sets: AuditSets, config: AuditConfig) -> tuple[Distances | None, dict | None]:
+    """Stage 3: with a `feature_space` (Inception or a classifier), the DCR in that space too (exact nearest neighbours,
+    no alignment), and the network's weights record; `(None, None)` for the pixel space only."""
+    c = config
+    if c.feature_space == 'pixels': return None, None
+    ext = load_extractor(c.feature_space, c.inception_weights, c.allow_random_weights)
+    vectors = {k: extract_features(list(d['path']), ext, c.batch_size, c.workers, c.device, desc=f'{k} features')
+               for k, d in (('train', sets.train), ('holdout', sets.holdout), ('synthetic', sets.synthetic))}
+    near = [nearest_neighbours(vectors[k], vectors['train'], 1, c.chunk, c.device, desc=f'{k}→train (features)') for k in ('synthetic', 'holdout')]
+    return Distances('features', vectors, *(Nearest(d[:, 0], i[:, 0]) for d, i in near)), weights_record(ext)
+
+# %% ../nbs/14_privacy.ipynb #cb80de1e
 def _reid_scores(model: ReidNet, E_query: np.ndarray, E_ref: np.ndarray, chunk: int, device) -> tuple[np.ndarray, np.ndarray]:
     "Best same-patient probability of each query embedding against the reference embeddings, and the index of that reference."
     d, i = nearest_neighbours(E_query, E_ref, 1, chunk, device)
@@ -555,160 +757,112 @@ def _reid_scores(model: ReidNet, E_query: np.ndarray, E_ref: np.ndarray, chunk: 
     with torch.no_grad(): logit = model.scale.item() * cos + model.bias.item()
     return 1 / (1 + np.exp(-logit)), i[:, 0]
 
-# %% ../nbs/14_privacy.ipynb #c080d997
-FLAG_SPACES = ('pixels', 'features', 'either')
+def reid_scores(sets: AuditSets, config: AuditConfig) -> dict[str, Nearest] | None:
+    """With a re-identification network: each synthetic and held-out image's best same-patient probability against the
+    training images, and which image that is; `None` without one."""
+    model, c = sets.reid_model, config
+    if model is None: return None
+    E = {k: pair_scores(model, load_grey(d['path'], model.input_size, c.batch_size, c.workers, desc=f'{k} re-id'), device=c.device)
+         for k, d in (('train', sets.train), ('holdout', sets.holdout), ('synthetic', sets.synthetic))}
+    return {k: Nearest(*_reid_scores(model, E[k], E['train'], c.chunk, c.device)) for k in ('synthetic', 'holdout')}
 
-def audit(train, holdout, synthetic, out=None, feature_space: str = 'pixels', reid=None, splits=None, train_split: str | None = None,
-          holdout_split: str | None = None, pixel_size: int = 32, max_shift: float = 0.05, max_rotation: float = 3.0, shortlist: int = 8,
-          oversample: int = 4, quantile: float = 0.01, estimate: str = 'fit', flag_space: str = 'pixels', prdc_k: int = 5,
-          batch_size: int = 64, workers: int = 0, chunk: int = 4096, device=None, inception_weights=None,
-          allow_random_weights: bool = False, n_pairs: int = 8, force: bool = False, seed: int = 0, verbose: bool = True) -> dict:
-    """Privacy audit of the images `synthetic` against the training images `train`, with `holdout` (other patients) as
-    the baseline. Writes flags.csv, holdout.csv, audit.json and two figures into `out` (default: `audit_folder(synthetic)`);
-    returns the record with the frames `flags` and `holdout`."""
-    t0 = time.perf_counter()
-    say = print if verbose else (lambda *a, **k: None)
-    if not 0 < quantile < 0.5: raise ValueError(f"--quantile {quantile}: must be in (0, 0.5), e.g. 0.01 (the 1st percentile)")
-    if estimate not in ESTIMATES: raise ValueError(f"--estimate {estimate!r}: choose one of {ESTIMATES}")
-    if flag_space not in FLAG_SPACES: raise ValueError(f"--flag-space {flag_space!r}: choose one of {FLAG_SPACES}")
-    if feature_space != 'pixels' and feature_space != 'inception' and not str(feature_space).startswith('classifier:'):
-        raise ValueError(f"--features {feature_space!r}: choose pixels, inception or classifier:CKPT")
-    if flag_space != 'pixels' and feature_space == 'pixels': raise ValueError(f"--flag-space {flag_space} needs --features inception or classifier:CKPT")
-    tr = image_records(train, train_split, splits, '--train', min_n=max(2, prdc_k + 1))
-    ho = image_records(holdout, holdout_split, splits, '--holdout', min_n=2)
-    sy = image_records(synthetic, None, None, '--synthetic', min_n=1)
-    check_disjoint(tr, ho, holdout if not holdout_split else f'{holdout} (split {holdout_split} of {splits})')
-    if tr['Patient ID'].isna().all() or ho['Patient ID'].isna().all():
-        warnings.warn("the patients of the training or held-out images are unknown (no splits file, metadata CSV or NIH file names): "
-                      "the audit cannot check that the held-out set holds other patients", stacklevel=2)
-    info = {k: _describe(list(d['path'])) for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
-    res = min(min(v['width'], v['height']) for v in info.values())
-    ps = min(int(pixel_size), res)
-    model = rrec = None
+# %% ../nbs/14_privacy.ipynb #274db7d7
+def audit_thresholds(spaces: dict[str, Distances], reid: dict[str, Nearest] | None, config: AuditConfig) -> dict:
+    """Stage 4: the flag thresholds, from the held-out baseline alone: per space the `quantile` tail of the held-out DCRs
+    (`tail_threshold`), and the upper tail of the held-out images' re-identification scores."""
+    c = config
+    return dict(dcr={sp: tail_threshold(d.holdout.value, c.quantile, estimate=c.estimate) for sp, d in spaces.items()},
+                reid=tail_threshold(reid['holdout'].value, c.quantile, True, c.estimate) if reid is not None else None)
+
+# %% ../nbs/14_privacy.ipynb #eae26a83
+@dataclass
+class AuditFlags:
+    "What `flag_images` decided: the table of every synthetic image (flags.csv), the baseline (holdout.csv), and which rule flagged what."
+    flags: pd.DataFrame
+    holdout: pd.DataFrame
+    by_dcr: np.ndarray                  # synthetic images flagged by their DCR
+    by_reid: np.ndarray                 # ... by their re-identification score
+    holdout_flagged: np.ndarray         # held-out images the same thresholds flag (in sample)
+
+# %% ../nbs/14_privacy.ipynb #fae7f414
+def flag_images(sets: AuditSets, spaces: dict[str, Distances], reid: dict[str, Nearest] | None, thresholds: dict, config: AuditConfig) -> AuditFlags:
+    """Stage 5: a synthetic image is flagged when its DCR is below the threshold (in `flag_space`; 'either': in any space)
+    or its re-identification score above it. The flags table (flags.csv's columns, in order) and the baseline's."""
+    c, fs, tnames = config, config.dcr_space, sets.train['Image Index'].to_numpy()
+    d = spaces[fs]
+    flags = pd.DataFrame({'Image Index': sets.synthetic['Image Index'], 'nearest': tnames[d.synthetic.index], 'dcr': d.synthetic.value,
+                          'dcr_percentile': dcr_percentile(d.synthetic.value, d.holdout.value)})
+    hold = pd.DataFrame({'Image Index': sets.holdout['Image Index'], 'Patient ID': sets.holdout['Patient ID'], 'nearest': tnames[d.holdout.index],
+                         'dcr': d.holdout.value, 'dcr_percentile': dcr_percentile(d.holdout.value, d.holdout.value)})
+    by_dcr, hold_by = np.zeros(len(flags), bool), np.zeros(len(hold), bool)
+    for sp in (spaces if c.flag_space == 'either' else [fs]):
+        by_dcr |= spaces[sp].synthetic.value < thresholds['dcr'][sp]; hold_by |= spaces[sp].holdout.value < thresholds['dcr'][sp]
+    by_reid = np.zeros(len(flags), bool)
     if reid is not None:
-        model, rrec = load_reid(reid)
-        if info['synthetic']['width'] != rrec['resolution']:
-            raise ValueError(f"--reid {reid}: trained for {rrec['resolution']}² images, but the synthetic set {synthetic} is "
-                             f"{info['synthetic']['width']}²; train one for this resolution: cxr-pggan train-reid ... --resolution {info['synthetic']['width']}")
-    out = Path(out) if out is not None else audit_folder(synthetic)
-    names = ['flags.csv', 'holdout.csv', 'audit.json', 'closest_pairs.png', 'dcr_histogram.png']
-    claim_folder(out, 'audit', force=force)
-    check_all_writable([out / n for n in names] + [out / (n + '.provenance.json') for n in names], out)
-    sizes = ', '.join(f"{k} {len(d)} images {v['width']}×{v['height']} {v['mode']}" for (k, v), d in zip(info.items(), (tr, ho, sy)))
-    space_note = (f"pixel space {ps}² grey (channel mean), antialiased downsampling, z-scored per image; training images moved by up to "
-                  f"{100 * max_shift:g} % of their size and turned by up to {max_rotation:g}° (exact coarse search over every training image, "
-                  f"fine alignment of the {shortlist} closest; rescaling is not searched) ({sizes})")
-    if len({(v['width'], v['height']) for v in info.values()}) > 1 or len({v['channels'] for v in info.values()}) > 1:
-        say(f"[audit] the sets differ in resolution or channels; all brought to {ps}² grey: {sizes}")
-    say(f"[audit] {space_note}")
-    sy_fp = fingerprints(sy['path'], desc='synthetic sha256' if verbose else None)     # what is scored: release copies only these bytes
-    R = min(min(info['train']['width'], info['train']['height']), oversample * ps)
-    T = load_grey(tr['path'], R, batch_size, workers, desc='train').half()   # half precision: 78k NIH images at 256² are 10 GB
-    Gq = {k: load_grey(d['path'], ps, batch_size, workers, desc=k) for k, d in (('holdout', ho), ('synthetic', sy))}
-    P = {'train': np.concatenate([pixel_vectors(resize_to(T[s:s + chunk].float(), ps)) for s in range(0, len(T), chunk)])} | {k: pixel_vectors(v) for k, v in Gq.items()}
-    Tf = prefilter(T, ps, chunk, dtype=torch.float16); del T                   # low-passed once: moved and turned per comparison
-    spaces = {'pixels': P}
-    weights = None
-    if feature_space != 'pixels':
-        ext = load_extractor(feature_space, inception_weights, allow_random_weights)
-        weights = weights_record(ext)
-        spaces['features'] = {k: extract_features(list(d['path']), ext, batch_size, workers, device, desc=f'{k} features')
-                              for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
-    nn_ = {}
-    al = aligned_dcr(torch.cat([Gq['synthetic'], Gq['holdout']]), Tf, R, ps, max_shift, max_rotation, shortlist, chunk, device=device,
-                     desc='DCR (pixels, aligned)' if verbose else None)
-    d, i = al['dcr'], al['index']
-    nn_['pixels', 'synthetic'], nn_['pixels', 'holdout'] = (d[:len(sy)], i[:len(sy)]), (d[len(sy):], i[len(sy):])
-    for sp, V in spaces.items():
-        if sp == 'pixels': continue
-        for k in ('synthetic', 'holdout'):
-            d, i = nearest_neighbours(V[k], V['train'], 1, chunk, device, desc=f'{k}→train ({sp})')
-            nn_[sp, k] = (d[:, 0], i[:, 0])
-    tnames = tr['Image Index'].to_numpy()
-    thr = {sp: tail_threshold(nn_[sp, 'holdout'][0], quantile, estimate=estimate) for sp in spaces}
-    fs = 'pixels' if flag_space == 'pixels' else 'features'
-    flags = pd.DataFrame({'Image Index': sy['Image Index'], 'nearest': tnames[nn_[fs, 'synthetic'][1]], 'dcr': nn_[fs, 'synthetic'][0],
-                          'dcr_percentile': dcr_percentile(nn_[fs, 'synthetic'][0], nn_[fs, 'holdout'][0])})
-    hold = pd.DataFrame({'Image Index': ho['Image Index'], 'Patient ID': ho['Patient ID'], 'nearest': tnames[nn_[fs, 'holdout'][1]],
-                         'dcr': nn_[fs, 'holdout'][0], 'dcr_percentile': dcr_percentile(nn_[fs, 'holdout'][0], nn_[fs, 'holdout'][0])})
-    by_dcr = np.zeros(len(sy), bool); hold_by = np.zeros(len(ho), bool)
-    for sp in (spaces if flag_space == 'either' else [fs]):
-        by_dcr |= nn_[sp, 'synthetic'][0] < thr[sp]; hold_by |= nn_[sp, 'holdout'][0] < thr[sp]
-    reid_thr = None; by_reid = np.zeros(len(sy), bool); hold_reid = None
-    if model is not None:
-        E = {k: pair_scores(model, load_grey(d['path'], model.input_size, batch_size, workers, desc=f'{k} re-id'), device=device)
-             for k, d in (('train', tr), ('holdout', ho), ('synthetic', sy))}
-        s_sy, j_sy = _reid_scores(model, E['synthetic'], E['train'], chunk, device)
-        hold_reid, j_ho = _reid_scores(model, E['holdout'], E['train'], chunk, device)
-        reid_thr = tail_threshold(hold_reid, quantile, True, estimate)
-        by_reid = s_sy > reid_thr
-        flags['reid_score'] = s_sy; hold['reid_score'] = hold_reid
-        flags['reid_nearest'] = tnames[j_sy]; hold['reid_nearest'] = tnames[j_ho]
-    else:
-        flags['reid_score'] = np.nan; hold['reid_score'] = np.nan
+        by_reid = reid['synthetic'].value > thresholds['reid']; hold_by = hold_by | (reid['holdout'].value > thresholds['reid'])
+        flags['reid_score'], hold['reid_score'] = reid['synthetic'].value, reid['holdout'].value
+        flags['reid_nearest'], hold['reid_nearest'] = tnames[reid['synthetic'].index], tnames[reid['holdout'].index]
+    else: flags['reid_score'] = np.nan; hold['reid_score'] = np.nan
     flags['flagged'] = by_dcr | by_reid
     flags['reason'] = np.select([by_dcr & by_reid, by_dcr, by_reid], ['dcr+reid', 'dcr', 'reid'], '')
-    flags = flags[['Image Index', 'nearest', 'dcr', 'dcr_percentile', 'reid_score', 'flagged', 'reason'] + [c for c in flags.columns if c.startswith('reid_nearest')]]
-    flags['shift_px'] = [f'{y:+g},{x:+g}' for y, x in al['shift'][:len(sy)]]      # (dy, dx) of the training image at R² in the pixel match
-    flags['rotation_deg'] = al['angle'][:len(sy)]
-    for sp in spaces:
-        flags[f'dcr_{sp}'] = nn_[sp, 'synthetic'][0]; flags[f'nearest_{sp}'] = tnames[nn_[sp, 'synthetic'][1]]
-        hold[f'dcr_{sp}'] = nn_[sp, 'holdout'][0]
-    from scipy.stats import mannwhitneyu
-    mw = {}
-    for sp in spaces:
-        a, b = nn_[sp, 'synthetic'][0], nn_[sp, 'holdout'][0]
+    flags = flags[['Image Index', 'nearest', 'dcr', 'dcr_percentile', 'reid_score', 'flagged', 'reason'] + [col for col in flags.columns if col.startswith('reid_nearest')]]
+    flags['shift_px'] = [f'{y:+g},{x:+g}' for y, x in spaces['pixels'].shift]      # (dy, dx) of the training image at R² in the pixel match
+    flags['rotation_deg'] = spaces['pixels'].angle
+    for sp, dist in spaces.items():
+        flags[f'dcr_{sp}'] = dist.synthetic.value; flags[f'nearest_{sp}'] = tnames[dist.synthetic.index]
+        hold[f'dcr_{sp}'] = dist.holdout.value
+    return AuditFlags(flags, hold, by_dcr, by_reid, hold_by)
+
+# %% ../nbs/14_privacy.ipynb #e07ad33d
+def dcr_tests(spaces: dict[str, Distances]) -> dict:
+    "Per space, one-sided Mann–Whitney U: are the synthetic images *closer* to the training set than new real images of other patients?"
+    out = {}
+    for sp, d in spaces.items():
+        a, b = d.synthetic.value, d.holdout.value
         u = mannwhitneyu(a, b, alternative='less')
-        mw[sp] = dict(U=float(u.statistic), p_less=float(u.pvalue), p_synthetic_closer=float(u.statistic / (len(a) * len(b))),
-                      median_synthetic=float(np.median(a)), median_holdout=float(np.median(b)))
-    pr_space = 'features' if 'features' in spaces else 'pixels'
-    pr = prdc(spaces[pr_space]['train'], spaces[pr_space]['synthetic'], prdc_k, chunk, device) if len(sy) > prdc_k else None
-    flags['sha256'] = [h for h, _ in sy_fp]
-    moved = [n for n, p, (_, st) in zip(sy['Image Index'], sy['path'], sy_fp) if _stat(p) != st]
-    if moved:
-        raise OSError(f"--synthetic {synthetic}: {len(moved)} image(s) changed while the audit read them ({_few(moved)}); no flags were "
-                      "written: run the audit again when nothing writes to the archive")
-    flags_path = out / 'flags.csv'
-    with atomic_path(flags_path) as tmp: flags.to_csv(tmp, index=False)
-    with atomic_path(out / 'holdout.csv') as tmp: hold.to_csv(tmp, index=False)
-    grid = alignment_grid(max_shift, max_rotation, R, ps)
-    settings = dict(feature_space=feature_space, flag_space=flag_space, pixel_size=ps, pixel_size_asked=int(pixel_size), max_shift=max_shift,
-                    max_rotation=max_rotation, shortlist=int(shortlist), shift_resolution=R, oversample=oversample,
-                    alignment=dict(coarse_shifts=len(grid['coarse']), coarse_step_px=grid['step'], coarse_angles=grid['angles'],
-                                   fine_shifts=len(grid['fine']), fine_angles=grid['fine_angles'], rescaling='not searched'), quantile=quantile, estimate=estimate,
-                    prdc_k=prdc_k, splits=str(splits) if splits else None, train_split=train_split, holdout_split=holdout_split,
-                    reid=str(reid) if reid else None, seed=seed)
-    rec = dict(settings=settings, space=space_note, sets=info,
-               inputs=dict(train=str(Path(train).resolve()), holdout=str(Path(holdout).resolve()), synthetic=str(Path(synthetic).resolve())),
-               counts=dict(train=len(tr), train_patients=int(tr['Patient ID'].nunique()), holdout=len(ho),
-                           holdout_patients=int(ho['Patient ID'].nunique()), synthetic=len(sy), flagged=int(flags['flagged'].sum()),
-                           flagged_dcr=int(by_dcr.sum()), flagged_reid=int(by_reid.sum())),
-               thresholds=dict(dcr={sp: thr[sp] for sp in spaces}, reid=reid_thr),
-               share_flagged=float(flags['flagged'].mean()),
-               holdout_flagged_in_sample=float((hold_by | (hold_reid > reid_thr if hold_reid is not None else False)).mean()),
-               holdout_false_flag_crossfit=crossfit_rate(nn_[fs, 'holdout'][0], ho['Patient ID'].fillna(pd.Series(ho.index.astype(str))), quantile, hold_reid, seed, estimate),
-               mann_whitney=mw, prdc=dict(space=pr_space, k=prdc_k, **(pr or {})) if pr else None,
-               reid=dict({k: v for k, v in rrec.items() if k != 'path'}, path=rrec['path']) if rrec else None,
-               weights=weights or 'none: pixel space only (no network)', flags_sha256=file_sha256(flags_path),
-               seconds=round(time.perf_counter() - t0, 2))
-    atomic_write(out / 'audit.json', json.dumps(rec, indent=1, default=str))
-    prov = dict(params=settings, seed=seed, inputs={k: v for k, v in [('splits', splits), ('reid', reid)] if v}, weights=weights)
-    for f in ('flags.csv', 'holdout.csv', 'audit.json'): write_provenance(out / f, **prov)
-    import matplotlib.pyplot as plt
-    for name, fig in (('closest_pairs.png', plot_closest_pairs(flags, sy, tr, n_pairs)),
-                      ('dcr_histogram.png', plot_dcr_histogram(flags['dcr'], hold['dcr'], thr[fs], f'{fs} space' + (f' ({ps}²)' if fs == 'pixels' else f' ({feature_space})')))):
-        with atomic_path(out / name) as tmp: fig.savefig(tmp, dpi=130, format='png')
-        plt.close(fig); write_provenance(out / name, **prov)
-    say(f"[audit] {rec['counts']['flagged']} of {len(sy)} synthetic images flagged ({100 * rec['share_flagged']:.1f} %: DCR {int(by_dcr.sum())}, "
-        f"re-id {int(by_reid.sum())}); DCR threshold {thr[fs]:.4f} = the {100 * quantile:g} % quantile ({estimate}) of {len(ho)} held-out images' DCRs; "
-        f"held-out false-flag rate (cross-fitted) {100 * rec['holdout_false_flag_crossfit']:.1f} %; wrote {out}")
-    return dict(rec, flags=flags, holdout=hold, out=out)
+        out[sp] = dict(U=float(u.statistic), p_less=float(u.pvalue), p_synthetic_closer=float(u.statistic / (len(a) * len(b))),
+                       median_synthetic=float(np.median(a)), median_holdout=float(np.median(b)))
+    return out
+
+# %% ../nbs/14_privacy.ipynb #432e7a43
+def audit_prdc(spaces: dict[str, Distances], config: AuditConfig) -> dict | None:
+    "PRDC of the synthetic images against the training images, in the feature space when there is one (else pixels); `None` with too few synthetic images."
+    space = 'features' if 'features' in spaces else 'pixels'
+    v = spaces[space].vectors
+    if len(v['synthetic']) <= config.prdc_k: return None
+    return dict(space=space, k=config.prdc_k, **prdc(v['train'], v['synthetic'], config.prdc_k, config.chunk, config.device))
+
+# %% ../nbs/14_privacy.ipynb #e950b3bd
+def _settings(sets: AuditSets, c: AuditConfig) -> dict:
+    grid = alignment_grid(c.max_shift, c.max_rotation, sets.shift_resolution, sets.pixel_size)
+    return dict(feature_space=c.feature_space, flag_space=c.flag_space, pixel_size=sets.pixel_size, pixel_size_asked=int(c.pixel_size), max_shift=c.max_shift,
+                max_rotation=c.max_rotation, shortlist=int(c.shortlist), shift_resolution=sets.shift_resolution, oversample=c.oversample,
+                alignment=dict(coarse_shifts=len(grid['coarse']), coarse_step_px=grid['step'], coarse_angles=grid['angles'],
+                               fine_shifts=len(grid['fine']), fine_angles=grid['fine_angles'], rescaling='not searched'), quantile=c.quantile, estimate=c.estimate,
+                prdc_k=c.prdc_k, splits=str(c.splits) if c.splits else None, train_split=c.train_split, holdout_split=c.holdout_split,
+                reid=str(c.reid) if c.reid else None, seed=c.seed)
+
+def audit_record(sets: AuditSets, config: AuditConfig, spaces: dict[str, Distances], reid: dict[str, Nearest] | None, thresholds: dict,
+                 flagged: AuditFlags, tests: dict, prdc_rec: dict | None, weights: dict | None) -> dict:
+    """What audit.json says (the flags file's sha256 and the time are added when it is written): settings, the pixel space,
+    the sets, counts, thresholds, shares flagged (the held-out false-flag rate cross-fitted over held-out patients), tests, PRDC."""
+    c, ho, f, rr = config, sets.holdout, flagged.flags, sets.reid_record
+    hold_reid = reid['holdout'].value if reid is not None else None
+    return dict(settings=_settings(sets, c), space=sets.space_note(c), sets=sets.stored,
+                inputs={k: str(Path(v).resolve()) for k, v in sets.sources.items()},
+                counts=dict(train=len(sets.train), train_patients=int(sets.train['Patient ID'].nunique()), holdout=len(ho),
+                            holdout_patients=int(ho['Patient ID'].nunique()), synthetic=len(sets.synthetic), flagged=int(f['flagged'].sum()),
+                            flagged_dcr=int(flagged.by_dcr.sum()), flagged_reid=int(flagged.by_reid.sum())),
+                thresholds=thresholds, share_flagged=float(f['flagged'].mean()), holdout_flagged_in_sample=float(flagged.holdout_flagged.mean()),
+                holdout_false_flag_crossfit=crossfit_rate(spaces[c.dcr_space].holdout.value, ho['Patient ID'].fillna(pd.Series(ho.index.astype(str))),
+                                                          c.quantile, hold_reid, c.seed, c.estimate),
+                mann_whitney=tests, prdc=prdc_rec, reid=dict({k: v for k, v in rr.items() if k != 'path'}, path=rr['path']) if rr else None,
+                weights=weights or 'none: pixel space only (no network)')
 
 # %% ../nbs/14_privacy.ipynb #12c9aa9b
 def plot_closest_pairs(flags: pd.DataFrame, syn: pd.DataFrame, train: pd.DataFrame, k: int = 8, title: str | None = None):
     "The `k` synthetic images closest to the training set, above their nearest training image, with DCR and percentile."
     import matplotlib.pyplot as plt
-    from cxr_pggan.data import read_image
     top = flags.nsmallest(min(k, len(flags)), 'dcr')
     sp, tp = syn.set_index('Image Index')['path'], train.set_index('Image Index')['path']
     fig, axs = plt.subplots(2, max(1, len(top)), figsize=(1.7 * max(1, len(top)), 4.0), squeeze=False)
@@ -723,6 +877,7 @@ def plot_closest_pairs(flags: pd.DataFrame, syn: pd.DataFrame, train: pd.DataFra
     fig.tight_layout()
     return fig
 
+# %% ../nbs/14_privacy.ipynb #46bcf56b
 def plot_dcr_histogram(syn_dcr, hold_dcr, threshold: float, space: str = '', title: str | None = None):
     "DCR histograms of the synthetic and the held-out images, with the flag threshold."
     import matplotlib.pyplot as plt
@@ -735,10 +890,73 @@ def plot_dcr_histogram(syn_dcr, hold_dcr, threshold: float, space: str = '', tit
     ax.set_title(title or 'DCR: synthetic vs held-out real images', fontsize=9); fig.tight_layout()
     return fig
 
+# %% ../nbs/14_privacy.ipynb #4a753156
+def write_audit(out: Path, record: dict, flagged: AuditFlags, sets: AuditSets, scored: list, config: AuditConfig, weights: dict | None,
+                t0: float) -> None:
+    """Stage 7: into the claimed `out`: flags.csv with the sha256 of every scored image (one whose size or mtime changed
+    while the audit read it stops the audit before anything is written), holdout.csv, audit.json (+ the flags file's
+    sha256 and the seconds since `t0`) and the two figures, each with its provenance."""
+    c, flags, syn = config, flagged.flags, sets.synthetic
+    flags['sha256'] = [h for h, _ in scored]
+    moved = [n for n, p, (_, st) in zip(syn['Image Index'], syn['path'], scored) if _stat(p) != st]
+    if moved:
+        raise OSError(f"--synthetic {sets.sources['synthetic']}: {len(moved)} image(s) changed while the audit read them ({_few(moved)}); no flags were "
+                      "written: run the audit again when nothing writes to the archive")
+    with atomic_path(out / 'flags.csv') as tmp: flags.to_csv(tmp, index=False)
+    with atomic_path(out / 'holdout.csv') as tmp: flagged.holdout.to_csv(tmp, index=False)
+    record |= dict(flags_sha256=file_sha256(out / 'flags.csv'), seconds=round(time.perf_counter() - t0, 2))
+    atomic_write(out / 'audit.json', json.dumps(record, indent=1, default=str))
+    prov = dict(params=record['settings'], seed=c.seed, inputs={k: v for k, v in [('splits', c.splits), ('reid', c.reid)] if v}, weights=weights)
+    for f in ('flags.csv', 'holdout.csv', 'audit.json'): write_provenance(out / f, **prov)
+    import matplotlib.pyplot as plt
+    fs, ps, thr = c.dcr_space, sets.pixel_size, record['thresholds']['dcr'][c.dcr_space]
+    for name, fig in (('closest_pairs.png', plot_closest_pairs(flags, syn, sets.train, c.n_pairs)),
+                      ('dcr_histogram.png', plot_dcr_histogram(flags['dcr'], flagged.holdout['dcr'], thr, f'{fs} space' + (f' ({ps}²)' if fs == 'pixels' else f' ({c.feature_space})')))):
+        with atomic_path(out / name) as tmp: fig.savefig(tmp, dpi=130, format='png')
+        plt.close(fig); write_provenance(out / name, **prov)
+
+# %% ../nbs/14_privacy.ipynb #c080d997
+def _claim_audit_folder(out, synthetic, force: bool) -> Path:
+    "`out` (default: `audit_folder(synthetic)`) claimed for the audit, every file it will write checked to be writable."
+    out = Path(out) if out is not None else audit_folder(synthetic)
+    names = ['flags.csv', 'holdout.csv', 'audit.json', 'closest_pairs.png', 'dcr_histogram.png']
+    claim_folder(out, 'audit', force=force)
+    check_all_writable([out / n for n in names] + [out / (n + '.provenance.json') for n in names], out)
+    return out
+
+def audit(train, holdout, synthetic, out=None, config: AuditConfig | None = None, **knobs) -> dict:
+    """Privacy audit of the images `synthetic` against the training images `train`, with `holdout` (other patients) as
+    the baseline, in the stages above; the knobs are `AuditConfig`'s (`config`, and/or any of its fields by name). Writes
+    flags.csv, holdout.csv, audit.json and two figures into `out` (default: `audit_folder(synthetic)`); returns the record
+    with the frames `flags` and `holdout`."""
+    t0 = time.perf_counter()
+    if config is not None and not isinstance(config, AuditConfig):
+        raise TypeError(f"audit: config must be an AuditConfig, not {config!r}; give the knobs by name (e.g. feature_space='inception') or as AuditConfig(...)")
+    c = dataclasses.replace(config or AuditConfig(), **knobs)
+    say = print if c.verbose else (lambda *a, **k: None)
+    sets = audit_sets(train, holdout, synthetic, c)                                               # 1. the sets, checked
+    out = _claim_audit_folder(out, synthetic, c.force)
+    if sets.mixed: say(f"[audit] the sets differ in resolution or channels; all brought to {sets.pixel_size}² grey: {sets.sizes()}")
+    say(f"[audit] {sets.space_note(c)}")
+    scored = fingerprints(sets.synthetic['path'], desc='synthetic sha256' if c.verbose else None)   # what is scored: release copies only these bytes
+    spaces = {'pixels': pixel_distances(sets, c)}                                                  # 2. pixel distances
+    features, weights = feature_distances(sets, c)                                                # 3. feature distances
+    if features is not None: spaces['features'] = features
+    reid = reid_scores(sets, c)
+    thresholds = audit_thresholds(spaces, reid, c)                                                # 4. thresholds
+    flagged = flag_images(sets, spaces, reid, thresholds, c)                                      # 5. flags
+    record = audit_record(sets, c, spaces, reid, thresholds, flagged, dcr_tests(spaces), audit_prdc(spaces, c), weights)   # 6. tests, PRDC
+    write_audit(out, record, flagged, sets, scored, c, weights, t0)                               # 7. write
+    n = record['counts']
+    say(f"[audit] {n['flagged']} of {n['synthetic']} synthetic images flagged ({100 * record['share_flagged']:.1f} %: DCR {n['flagged_dcr']}, "
+        f"re-id {n['flagged_reid']}); DCR threshold {thresholds['dcr'][c.dcr_space]:.4f} = the {100 * c.quantile:g} % quantile ({c.estimate}) of "
+        f"{n['holdout']} held-out images' DCRs; held-out false-flag rate (cross-fitted) {100 * record['holdout_false_flag_crossfit']:.1f} %; wrote {out}")
+    return dict(record, flags=flagged.flags, holdout=flagged.holdout, out=out)
+
 # %% ../nbs/14_privacy.ipynb #ce8aaad7
-def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path | None = None, force: bool = False) -> dict:
-    "Copy the audited archive into `out` without the flagged images; write `release.json` (the audit that cleared it)."
-    flags_csv = Path(flags_csv)
+def audited_flags(flags_csv: Path) -> tuple[pd.DataFrame, dict, str]:
+    """The flags of an audit, checked before a release: `audit.json` beside them, the file unchanged since the audit (its
+    sha256), and the sha256 of every image it scored. Returns the flags, the audit record and the flags file's sha256."""
     if not flags_csv.is_file(): raise FileNotFoundError(f"--exclude-flagged {flags_csv}: no such file; run `cxr-pggan audit` first")
     rec_path = flags_csv.parent / 'audit.json'
     if not rec_path.is_file():
@@ -753,9 +971,13 @@ def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path 
     if 'sha256' not in flags.columns:
         raise ValueError(f"--exclude-flagged {flags_csv}: the audit did not record the sha256 of the images it scored (an audit made before "
                          "cxr-pggan recorded them), so what it cleared cannot be checked; run `cxr-pggan audit` again")
-    archive = Path(archive) if archive else Path(rec['inputs']['synthetic'])
-    files = image_paths(archive)
-    names = {Path(f).name: f for f in files}
+    return flags, rec, sha
+
+# %% ../nbs/14_privacy.ipynb #68b5ec64
+def audited_images(flags_csv: Path, flags: pd.DataFrame, archive: Path) -> dict[str, str]:
+    """The images of `archive` (name -> path), refused unless they are exactly the audited ones: every image hashed and
+    compared with the sha256 the audit recorded; changed, new and missing images are named in one line."""
+    names = {Path(f).name: f for f in image_paths(archive)}
     audited = dict(zip(flags['Image Index'], flags['sha256']))
     new, gone = sorted(set(names) - set(audited)), sorted(set(audited) - set(names))
     changed = sorted(n for n in progress(sorted(set(names) & set(audited)), desc='sha256', unit='img') if file_sha256(names[n]) != audited[n])
@@ -764,21 +986,33 @@ def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path 
                                                          (gone, 'audited image(s) missing')) if v]
         raise ValueError(f"--exclude-flagged {flags_csv}: the archive {archive} is not the audited set: {'; '.join(what)}; nothing was released: "
                          f"audit this archive again (cxr-pggan audit ... --synthetic {archive})")
-    out = Path(out)
-    if out.resolve() == archive.resolve() or archive.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out}: is the archive {archive} or inside it; choose a new folder for the release copy")
-    flagged = set(flags.loc[flags['flagged'].astype(bool), 'Image Index'])
-    keep = [n for n in sorted(names) if n not in flagged]
-    claim_folder(out, 'release', force=force)
-    meta = sorted(archive.glob('Data_Entry_2017*.csv')) if archive.is_dir() else []
-    targets = [out / 'images' / n for n in keep] + [out / m.name for m in meta] + [out / 'release.json']
-    check_all_writable(targets, out)
+    return names
+
+# %% ../nbs/14_privacy.ipynb #2f5e9954
+def _copy_audited(names: dict, keep: list, audited: dict, flags_csv: Path, out: Path):
+    "Copy the images `keep` into `out/images`, each hashed again: bytes that changed since the check are never released."
     for n in progress(keep, desc='release', unit='img'):
         with atomic_path(out / 'images' / n) as tmp:
             shutil.copyfile(names[n], tmp)
             if file_sha256(tmp) != audited[n]:              # changed between the check and the copy: never release unaudited bytes
                 raise ValueError(f"--exclude-flagged {flags_csv}: {names[n]} changed while the release was being copied; {out} is incomplete: "
                                  f"audit the archive again, then release it into a new folder")
+
+def release_archive(flags_csv: str | Path, out: str | Path, archive: str | Path | None = None, force: bool = False) -> dict:
+    "Copy the audited archive into `out` without the flagged images; write `release.json` (the audit that cleared it)."
+    flags_csv = Path(flags_csv)
+    flags, rec, sha = audited_flags(flags_csv)
+    archive = Path(archive) if archive else Path(rec['inputs']['synthetic'])
+    names = audited_images(flags_csv, flags, archive)
+    out, rec_path = Path(out), flags_csv.parent / 'audit.json'
+    if out.resolve() == archive.resolve() or archive.resolve() in out.resolve().parents:
+        raise ValueError(f"--out {out}: is the archive {archive} or inside it; choose a new folder for the release copy")
+    flagged = set(flags.loc[flags['flagged'].astype(bool), 'Image Index'])
+    keep = [n for n in sorted(names) if n not in flagged]
+    claim_folder(out, 'release', force=force)
+    meta = sorted(archive.glob('Data_Entry_2017*.csv')) if archive.is_dir() else []
+    check_all_writable([out / 'images' / n for n in keep] + [out / m.name for m in meta] + [out / 'release.json'], out)
+    _copy_audited(names, keep, dict(zip(flags['Image Index'], flags['sha256'])), flags_csv, out)
     for m in meta:
         df = pd.read_csv(m, dtype={'Image Index': str})
         with atomic_path(out / m.name) as tmp: df[~df['Image Index'].isin(flagged)].to_csv(tmp, index=False)
@@ -802,12 +1036,8 @@ def _set_args(ap):
     ap.add_argument('--batch-size', type=positive_int, default=64); ap.add_argument('--workers', type=int, default=0)
     ap.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when present)'); ap.add_argument('--seed', type=int, default=0)
 
-def _splits_of(a):
-    if a.splits: return a.train_split or 'train', a.holdout_split or 'val'
-    if a.train_split or a.holdout_split: raise ValueError("--train-split/--holdout-split select images of a splits file: give it with --splits CSV")
-    return None, None
-
-def audit_cli(argv: list[str]) -> int:
+def audit_parser() -> CLIParser:
+    "The options of `cxr-pggan audit`: the sets (shared with `train-reid`), then one per `AuditConfig` knob."
     ap = CLIParser(prog='cxr-pggan audit', description='Privacy audit of a synthetic archive: nearest training image and DCR of every '
                    'synthetic image against a held-out baseline, re-identification scores, flags.csv, PRDC, figures.')
     _set_args(ap)
@@ -828,15 +1058,25 @@ def audit_cli(argv: list[str]) -> int:
     ap.add_argument('--inception-weights', help="pytorch-fid's pt_inception-2015-12-05 weights (never downloaded)")
     ap.add_argument('--allow-random-weights', action='store_true', help='Inception without weights: random features, labelled as such')
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out beside its files (never changing them)')
-    a = ap.parse_args(argv)
+    return ap
+
+# %% ../nbs/14_privacy.ipynb #48e2200c
+def _splits_of(a):
+    if a.splits: return a.train_split or 'train', a.holdout_split or 'val'
+    if a.train_split or a.holdout_split: raise ValueError("--train-split/--holdout-split select images of a splits file: give it with --splits CSV")
+    return None, None
+
+def audit_cli(argv: list[str]) -> int:
+    a = audit_parser().parse_args(argv)
     check_device(a.device); ts, hs = _splits_of(a)
     if not 0 <= a.max_shift < 0.25: raise ValueError(f"--max-shift {a.max_shift}: a fraction of the image size in [0, 0.25), e.g. 0.05")
     if not 0 <= a.max_rotation <= 15: raise ValueError(f"--max-rotation {a.max_rotation}: degrees in [0, 15], e.g. 3")
-    r = audit(a.train, a.holdout, a.synthetic, a.out, a.features, a.reid, a.splits, ts, hs, a.pixel_size, a.max_shift, a.max_rotation, a.shortlist,
-              quantile=a.quantile, estimate=a.estimate, flag_space=a.flag_space,
-              prdc_k=a.prdc_k, batch_size=a.batch_size, workers=a.workers, device=a.device, inception_weights=a.inception_weights,
-              allow_random_weights=a.allow_random_weights, n_pairs=a.pairs, force=a.force, seed=a.seed)
-    mw = r['mann_whitney'][('pixels' if a.flag_space == 'pixels' else 'features')]
+    config = AuditConfig(splits=a.splits, train_split=ts, holdout_split=hs, feature_space=a.features, inception_weights=a.inception_weights,
+                         allow_random_weights=a.allow_random_weights, reid=a.reid, pixel_size=a.pixel_size, max_shift=a.max_shift,
+                         max_rotation=a.max_rotation, shortlist=a.shortlist, quantile=a.quantile, estimate=a.estimate, flag_space=a.flag_space,
+                         prdc_k=a.prdc_k, n_pairs=a.pairs, batch_size=a.batch_size, workers=a.workers, device=a.device, seed=a.seed, force=a.force)
+    r = audit(a.train, a.holdout, a.synthetic, a.out, config)
+    mw = r['mann_whitney'][config.dcr_space]
     print(f"flagged {r['counts']['flagged']}/{r['counts']['synthetic']} ({100 * r['share_flagged']:.1f} %); synthetic vs held-out DCR: "
           f"median {mw['median_synthetic']:.4f} vs {mw['median_holdout']:.4f}, one-sided Mann-Whitney p = {mw['p_less']:.3g}"
           + (f"; PRDC ({r['prdc']['space']}, k={r['prdc']['k']}): precision {r['prdc']['precision']:.3f} recall {r['prdc']['recall']:.3f} "
@@ -911,8 +1151,29 @@ def bench_dcr(n: int, m: int, pixel_size: int, resolution: int, max_shift: float
                 ms_per_archive_image_new=round(1000 * (t_new + t_pre) / n, 3), ms_per_archive_image_old=round(1000 * t_old / n, 3),
                 copies_found_new=float((new['index'][:len(src)] == src.numpy()).mean()), copies_found_old=float((old[1][:len(src)] == src.numpy()).mean()))
 
+# %% ../nbs/14_privacy.ipynb #2200a78f
+def _nn_record(n: int, m: int, dim: int, chunk: int, dev: torch.device) -> dict:
+    "`bench privacy`: seconds of the exact nearest neighbour of `n` random queries among `m` references (`dim` features)."
+    g = torch.Generator().manual_seed(0)
+    Q, R = torch.randn(n, dim, generator=g), torch.randn(m, dim, generator=g)
+    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev); torch.cuda.synchronize(dev)
+    t0 = time.perf_counter(); d, i = nearest_neighbours(Q, R, 1, chunk, dev)
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+    dt = time.perf_counter() - t0
+    return dict(bench='privacy nearest neighbours', params=dict(n=n, m=m, dim=dim, chunk=chunk), device_used=str(dev), precision='float64',
+                batch=chunk, seconds=round(dt, 3), pairs_per_second=n * m / dt,
+                peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
+
+def _dcr_record(a, dev: torch.device) -> dict:
+    "`bench privacy --dcr`: `bench_dcr` with the options `a`, as a bench record."
+    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+    r = bench_dcr(a.n or 200, a.m or 837, a.pixel_size, a.resolution or 4 * a.pixel_size, chunk=a.chunk, device=dev)
+    return dict(bench='privacy pixel DCR per archive image', params=dict(n=r['archive_images'], m=r['train_images'], pixel_size=a.pixel_size,
+                resolution=r['resolution'], chunk=a.chunk), device_used=str(dev), threads=torch.get_num_threads(),
+                precision='training images stored float16, warped float32, distances float64', batch=a.chunk, **r,
+                peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
+
 def bench_privacy_cli(argv: list[str]) -> int:
-    from cxr_pggan.core import write_bench_json
     ap = CLIParser(prog='cxr-pggan bench privacy', description='Time exact chunked nearest-neighbour search (N queries × M references), '
                    "or with --dcr the audit's pixel DCR per archive image against the previous translation-only search.")
     ap.add_argument('--n', type=positive_int, default=None, help='queries (default 20000; --dcr: archive images, default 200)')
@@ -924,26 +1185,7 @@ def bench_privacy_cli(argv: list[str]) -> int:
     ap.add_argument('--device'); ap.add_argument('--json')
     a = ap.parse_args(argv)
     check_device(a.device); dev = _dev(a.device)
-    if a.dcr:
-        if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-        r = bench_dcr(a.n or 200, a.m or 837, a.pixel_size, a.resolution or 4 * a.pixel_size, chunk=a.chunk, device=dev)
-        rec = dict(bench='privacy pixel DCR per archive image', params=dict(n=r['archive_images'], m=r['train_images'], pixel_size=a.pixel_size,
-                   resolution=r['resolution'], chunk=a.chunk), device_used=str(dev), threads=torch.get_num_threads(),
-                   precision='training images stored float16, warped float32, distances float64', batch=a.chunk, **r,
-                   peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
-        write_bench_json(rec, a.json)
-        return 0
-    n = a.n or 20000; m = a.m or n
-    g = torch.Generator().manual_seed(0)
-    Q, R = torch.randn(n, a.dim, generator=g), torch.randn(m, a.dim, generator=g)
-    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev); torch.cuda.synchronize(dev)
-    t0 = time.perf_counter(); d, i = nearest_neighbours(Q, R, 1, a.chunk, dev)
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    dt = time.perf_counter() - t0
-    rec = dict(bench='privacy nearest neighbours', params=dict(n=n, m=m, dim=a.dim, chunk=a.chunk), device_used=str(dev), precision='float64',
-               batch=a.chunk, seconds=round(dt, 3), pairs_per_second=n * m / dt,
-               peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == 'cuda' else None)
-    write_bench_json(rec, a.json)
+    write_bench_json(_dcr_record(a, dev) if a.dcr else _nn_record(a.n or 20000, a.m or a.n or 20000, a.dim, a.chunk, dev), a.json)
     return 0
 
 # %% ../nbs/14_privacy.ipynb #c82abc3a
@@ -967,6 +1209,7 @@ def feature_knob(value: str, profile: str) -> str:
     if value == 'classifier': return f"classifier:{find_artifact('auto', 'classifier', profile)}"
     return value
 
+# %% ../nbs/14_privacy.ipynb #55ef4f19
 def planted_rates(flags: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     "Share flagged per kind of image of a planted-copy archive, and how often a planted copy's nearest image is its source."
     m = truth.merge(flags, on='Image Index', validate='one_to_one')

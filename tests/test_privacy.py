@@ -164,3 +164,19 @@ def test_release_stops_when_an_image_changes_during_the_copy(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r's1.png changed while the release was being copied'):
         P.release_archive(tmp_path / 'audit' / 'flags.csv', tmp_path / 'release')
     assert not (tmp_path / 'release' / 'images' / 's1.png').exists() and not (tmp_path / 'release' / 'release.json').exists()
+
+
+def test_audit_config_keywords_and_cli_agree(tmp_path):
+    "`audit(..., config=AuditConfig(...))`, the same knobs by keyword and `cxr-pggan audit` write the same flags.csv and audit.json (but the time)."
+    import cxr_pggan.privacy as P
+    tr, ho, syn = _tiny_audit_sets(tmp_path)
+    P.audit(tr, ho, syn, tmp_path / 'kw', pixel_size=16, prdc_k=2, max_rotation=2.0, quantile=0.05, verbose=False)
+    P.audit(tr, ho, syn, tmp_path / 'cfg', P.AuditConfig(pixel_size=16, prdc_k=2, max_rotation=2.0, quantile=0.05, verbose=False))
+    r = cli('audit', '--train', tr, '--holdout', ho, '--synthetic', syn, '--out', tmp_path / 'cli', '--pixel-size', 16, '--prdc-k', 2,
+            '--max-rotation', 2, '--quantile', 0.05, outputs=tmp_path / 'outputs')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = lambda d: {k: v for k, v in json.loads((tmp_path / d / 'audit.json').read_text()).items() if k != 'seconds'}
+    for d in ('cfg', 'cli'):
+        assert (tmp_path / d / 'flags.csv').read_bytes() == (tmp_path / 'kw' / 'flags.csv').read_bytes() and rec(d) == rec('kw')
+    with pytest.raises(ValueError, match=r'--quantile 0.7'): P.AuditConfig(quantile=0.7)
+    with pytest.raises(TypeError, match='config must be an AuditConfig'): P.audit(tr, ho, syn, tmp_path / 'pos', 'pixels')   # knobs by name
