@@ -24,15 +24,15 @@ from .pggan import (ARCHS, Discriminator, Generator, PGGANConfig, from_unit, loa
 
 # %% auto #0
 __all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'SUMMARY_KIND', 'level_of', 'make_schedule', 'phase_at',
-           'worker_processes', 'TrainConfig', 'build_networks', 'grow_networks', 'make_optimizers', 'index_batches',
+           'worker_processes', 'TrainConfig', 'init_distributed', 'run_place', 'run_folders', 'index_batches',
            'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split', 'gan_training_split',
-           'gan_saw_split', 'RealImages', 'init_distributed', 'broadcast_params', 'distribute', 'list_checkpoints',
-           'latest_checkpoint', 'find_run_checkpoints', 'model_meta', 'save_train_checkpoint', 'save_grid',
-           'plot_curves', 'run_place', 'run_folders', 'training_images', 'check_checkpoint', 'find_checkpoint',
-           'restore_checkpoint', 'continue_log', 'RunState', 'setup_run', 'enter_phase', 'NonFiniteLossError',
-           'train_step', 'log_step', 'save_checkpoint', 'save_samples', 'save_when_due', 'out_of_time', 'stop_message',
-           'stop_cleanly', 'finish_run', 'training_loop', 'launch_train', 'train', 'gan_knobs', 'train_config',
-           'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
+           'gan_saw_split', 'RealImages', 'training_images', 'build_networks', 'grow_networks', 'make_optimizers',
+           'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta', 'save_train_checkpoint',
+           'check_checkpoint', 'find_checkpoint', 'restore_checkpoint', 'continue_log', 'broadcast_params',
+           'distribute', 'RunState', 'setup_run', 'enter_phase', 'NonFiniteLossError', 'train_step', 'log_step',
+           'save_grid', 'save_checkpoint', 'save_samples', 'save_when_due', 'out_of_time', 'stop_message',
+           'stop_cleanly', 'finish_run', 'plot_curves', 'training_loop', 'launch_train', 'train', 'gan_knobs',
+           'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
 
 # %% ../nbs/06_gan_train.ipynb #11f72cf6
 def level_of(resolution: int) -> int: return int(math.log2(resolution)) - 2
@@ -83,7 +83,7 @@ def _field_docs(cls) -> dict[str, str]:
     except (OSError, TypeError): return {}
     return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s{4}(\w+): [^#\n]*#\s*(.*)$', src, re.M)}
 
-# %% ../nbs/06_gan_train.ipynb #4261bdae
+# %% ../nbs/06_gan_train.ipynb #eaf15e40
 @dataclass
 class TrainConfig:
     "Every knob of `train()`; the defaults are the paper's run (Segal et al. 2021; the authors' PGGAN/configuration.py)."
@@ -138,8 +138,7 @@ class TrainConfig:
     time_budget: str | None = None      # e.g. '11h30m': checkpoint and stop cleanly (exit 0) before this much time has passed
     resume_from: str | None = None      # a folder of an earlier run (may be read-only, e.g. an attached Kaggle output): resume from its newest checkpoint
     max_outputs_gib: float | None = None  # keep the outputs folder under this size by deleting this run's oldest checkpoints
-
-    def __post_init__(self): _check_knobs(self)
+    def __post_init__(self): _check_knobs(self)   # normalise and check every knob (below)
 
 # %% ../nbs/06_gan_train.ipynb #a6b587e7
 def _knob_error(k, v, need, default) -> ValueError:
@@ -217,31 +216,47 @@ def phases(self: TrainConfig) -> list[dict]:
     return [dict(resolution=p['resolution'], kind='fade' if p['fade'] else 'stabilise', kimg=(p['end_img'] - p['start_img']) / 1000,
                  batch=p['batch'], end_kimg=p['end_img'] / 1000) for p in self.schedule()]
 
-# %% ../nbs/06_gan_train.ipynb #81d86bc2
-def build_networks(cfg: TrainConfig, resolution: int, device='cpu') -> tuple:
-    "`(G, D, G_ema)` that the knobs `cfg` describe, at `resolution`, on `device`; the EMA G is a copy of G without gradients."
-    c = cfg.network_config()
-    G, D = Generator(c, resolution).to(device), Discriminator(c, resolution).to(device)
-    G_ema = Generator(c, resolution).to(device); G_ema.load_state_dict(G.state_dict())
-    G_ema.requires_grad_(False)
-    return G, D, G_ema
+# %% ../nbs/06_gan_train.ipynb #f18961d6
+def init_distributed(device_type: str) -> dict:
+    "Join the process group torchrun set up (nccl on GPUs, gloo on CPU); no-op for one process."
+    env = dist_env()
+    if env['world'] > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    return env
 
-# %% ../nbs/06_gan_train.ipynb #1148b9ea
-@torch.no_grad()
-def grow_networks(G, D, G_ema, resolution: int):
-    "Grow G, D and G_ema to `resolution`, copying each new EMA block from G."
-    while G.resolution < resolution:
-        G.grow(); D.grow(); G_ema.grow()
-        G_ema.blocks[-1].load_state_dict(G.blocks[-1].state_dict())
-        G_ema.to_rgb[-1].load_state_dict(G.to_rgb[-1].state_dict())
+# %% ../nbs/06_gan_train.ipynb #e91e40cc
+def _device(name=None):
+    if name: return torch.device(name)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
-# %% ../nbs/06_gan_train.ipynb #e454e1d7
-def make_optimizers(G, D, lr: float = 1e-3, betas=(0.0, 0.99), eps: float = 1e-7):
-    "Adam for G and D: fused on CUDA, foreach on CPU."
-    dev = next(G.parameters()).device
-    kw = dict(fused=True) if dev.type == 'cuda' else dict(foreach=True)
-    return (torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas), eps=eps, **kw),
-            torch.optim.Adam(D.parameters(), lr=lr, betas=tuple(betas), eps=eps, **kw))
+def _speed_flags(device):
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+def run_place(cfg: TrainConfig) -> dict:
+    """Where this process trains: `device` (under torchrun, the GPU of its local rank), `rank` and `world` (the process group
+    joined), and `threads0`, torch's threads before `cpu_threads` set them (the loop restores them when it ends)."""
+    device = _device(check_device(cfg.device))
+    env = init_distributed(device.type)
+    if device.type == 'cuda' and env['world'] > 1:
+        device = torch.device('cuda', env['local_rank']); torch.cuda.set_device(device)
+    _speed_flags(device)
+    threads0 = torch.get_num_threads()
+    if device.type == 'cpu' and cfg.cpu_threads: torch.set_num_threads(int(cfg.cpu_threads))
+    return dict(device=device, rank=env['rank'], world=env['world'], threads0=threads0)
+
+# %% ../nbs/06_gan_train.ipynb #ee4e3e85
+def run_folders(cfg: TrainConfig, claim: bool = True) -> tuple[str, Path, Path]:
+    "`(run name, checkpoint folder, sample folder)`; `claim` (rank 0): mark both as training's (`core.claim_folder`)."
+    run = cfg.run or 'pggan'
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else outputs_dir('checkpoints', run, create=False)
+    sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else outputs_dir('samples', run, create=False)
+    if claim:
+        # run folders from before marks existed hold only what training writes (and hidden temp files of a killed run)
+        claim_folder(ckpt_dir, 'train', adopt=lambda f: all(p.name.startswith(('ckpt_', 'final.pt', 'train_log.csv', '.')) for p in f.iterdir()))
+        claim_folder(sample_dir, 'train', adopt=lambda f: all(p.name.startswith(('fakes_', '.')) for p in f.iterdir()))
+    return run, ckpt_dir, sample_dir
 
 # %% ../nbs/06_gan_train.ipynb #808d6fbd
 def index_batches(n: int, batch: int, start: int = 0, seed: int = 0, rank: int = 0, world: int = 1):
@@ -344,27 +359,48 @@ class RealImages:
                                              prefetch_factor=4 if self.workers else None, generator=torch.Generator().manual_seed(self.seed))
             for x, _ in dl: yield x.to(device, non_blocking=True)
 
-# %% ../nbs/06_gan_train.ipynb #f18961d6
-def init_distributed(device_type: str) -> dict:
-    "Join the process group torchrun set up (nccl on GPUs, gloo on CPU); no-op for one process."
-    env = dist_env()
-    if env['world'] > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    return env
+# %% ../nbs/06_gan_train.ipynb #c7fdc57a
+def training_images(cfg: TrainConfig, rank: int = 0, world: int = 1, verbose: bool = True) -> tuple:
+    """`(frame, split record, RealImages)`: the images of `cfg.data` (missing files dropped with a warning), only those of
+    `cfg.train_split` unless 'all', their sizes checked, cached or streamed for this process's shard."""
+    if not cfg.data: raise ValueError("TrainConfig.data is not set: give the NIH-layout folder to train on "
+                                      "(the notebook and `cxr-pggan train` set it from the profile's dataset)")
+    every = load_training_frame(cfg.data, cfg.metadata)
+    df, split = select_split(every, cfg.splits, cfg.train_split)
+    if verbose and cfg.train_split != 'all':
+        print(f"training on the {cfg.train_split!r} split of {cfg.splits}: {len(df)} of {len(every)} images", flush=True)
+    with warnings.catch_warnings():
+        if rank != 0: warnings.simplefilter('ignore')                    # every rank refuses; rank 0 warns
+        check_image_sizes(df['path'], cfg.resolution, f"the training images of {cfg.data}")
+    reals = RealImages(df, cfg.resolution, cfg.channels, cache=cfg.cache_images, workers=cap_workers(cfg.workers),
+                       seed=cfg.seed, rank=rank, world=world, show_progress=verbose)
+    return df, split, reals
 
-# %% ../nbs/06_gan_train.ipynb #fd8fe7b8
+# %% ../nbs/06_gan_train.ipynb #81d86bc2
+def build_networks(cfg: TrainConfig, resolution: int, device='cpu') -> tuple:
+    "`(G, D, G_ema)` that the knobs `cfg` describe, at `resolution`, on `device`; the EMA G is a copy of G without gradients."
+    c = cfg.network_config()
+    G, D = Generator(c, resolution).to(device), Discriminator(c, resolution).to(device)
+    G_ema = Generator(c, resolution).to(device); G_ema.load_state_dict(G.state_dict())
+    G_ema.requires_grad_(False)
+    return G, D, G_ema
+
+# %% ../nbs/06_gan_train.ipynb #1148b9ea
 @torch.no_grad()
-def broadcast_params(module, world: int):
-    "Rank 0's parameters and buffers of `module` to every process (no-op for one process)."
-    if world <= 1: return
-    for t in list(module.parameters()) + list(module.buffers()): dist.broadcast(t, 0)
+def grow_networks(G, D, G_ema, resolution: int):
+    "Grow G, D and G_ema to `resolution`, copying each new EMA block from G."
+    while G.resolution < resolution:
+        G.grow(); D.grow(); G_ema.grow()
+        G_ema.blocks[-1].load_state_dict(G.blocks[-1].state_dict())
+        G_ema.to_rgb[-1].load_state_dict(G.to_rgb[-1].state_dict())
 
-# %% ../nbs/06_gan_train.ipynb #fb703b09
-def distribute(nets, world: int, device, channels_last: bool = True):
-    "Rank 0's weights of every network in `nets` to every process, then the NHWC memory format on GPUs (`channels_last`)."
-    for n in nets: broadcast_params(n, world)
-    if torch.device(device).type == 'cuda' and channels_last:
-        for n in nets: n.to(memory_format=torch.channels_last)
+# %% ../nbs/06_gan_train.ipynb #e454e1d7
+def make_optimizers(G, D, lr: float = 1e-3, betas=(0.0, 0.99), eps: float = 1e-7):
+    "Adam for G and D: fused on CUDA, foreach on CPU."
+    dev = next(G.parameters()).device
+    kw = dict(fused=True) if dev.type == 'cuda' else dict(foreach=True)
+    return (torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas), eps=eps, **kw),
+            torch.optim.Adam(D.parameters(), lr=lr, betas=tuple(betas), eps=eps, **kw))
 
 # %% ../nbs/06_gan_train.ipynb #45645e5d
 CKPT_GLOB = 'ckpt_*.pt'
@@ -453,86 +489,6 @@ def _truncate_csv(path, max_step: int):
     df = pd.read_csv(path).reindex(columns=LOG_FIELDS)               # a log from before a column was added gets it (empty)
     with atomic_path(path) as tmp: df[df['step'] <= max_step].to_csv(tmp, index=False)
 
-# %% ../nbs/06_gan_train.ipynb #93ff09f2
-@torch.no_grad()
-def save_grid(G, z, path, output_range, nrow: int | None = None) -> Path:
-    "PNG grid of G(z) (EMA or raw) mapped to [0, 1]."
-    was = G.training; G.eval()
-    x = to_unit(G(z), output_range).cpu(); G.train(was)
-    with atomic_path(path) as tmp: save_image(x, tmp, nrow=nrow or max(1, int(math.ceil(math.sqrt(len(z))))), padding=1, format='png')
-    return Path(path)
-
-# %% ../nbs/06_gan_train.ipynb #dbd6a09a
-def plot_curves(log_csv, out_png) -> Path:
-    "Seaborn figure of the training log: losses, gradient penalty, Wasserstein estimate, alpha and speed vs kimg."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, seaborn as sns
-    df = pd.read_csv(log_csv)
-    sns.set_theme(style='whitegrid', context='paper')
-    fig, ax = plt.subplots(1, 4, figsize=(14, 3.2))
-    long = df.melt('kimg', ['loss_D', 'loss_G'], var_name='loss', value_name='value')
-    sns.lineplot(long, x='kimg', y='value', hue='loss', ax=ax[0]); ax[0].set_title('losses')
-    sns.lineplot(df, x='kimg', y='wdist', ax=ax[1]); ax[1].set_title('E[D(real)] - E[D(fake)]')
-    sns.lineplot(df, x='kimg', y='gp', ax=ax[2]); ax[2].set_yscale('log'); ax[2].set_title('gradient penalty')
-    sns.lineplot(df, x='kimg', y='alpha', ax=ax[3], label='alpha'); ax[3].set_title('fade-in alpha and resolution')
-    ax3 = ax[3].twinx(); ax3.step(df['kimg'], df['resolution'], color='C3', where='post', label='resolution'); ax3.set_yscale('log', base=2)
-    for a in ax: a.set_xlabel('kimg')
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp: fig.savefig(tmp, dpi=150, format='png')
-    plt.close(fig)
-    return Path(out_png)
-
-# %% ../nbs/06_gan_train.ipynb #e91e40cc
-def _device(name=None):
-    if name: return torch.device(name)
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-def _speed_flags(device):
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-def run_place(cfg: TrainConfig) -> dict:
-    """Where this process trains: `device` (under torchrun, the GPU of its local rank), `rank` and `world` (the process group
-    joined), and `threads0`, torch's threads before `cpu_threads` set them (the loop restores them when it ends)."""
-    device = _device(check_device(cfg.device))
-    env = init_distributed(device.type)
-    if device.type == 'cuda' and env['world'] > 1:
-        device = torch.device('cuda', env['local_rank']); torch.cuda.set_device(device)
-    _speed_flags(device)
-    threads0 = torch.get_num_threads()
-    if device.type == 'cpu' and cfg.cpu_threads: torch.set_num_threads(int(cfg.cpu_threads))
-    return dict(device=device, rank=env['rank'], world=env['world'], threads0=threads0)
-
-# %% ../nbs/06_gan_train.ipynb #ee4e3e85
-def run_folders(cfg: TrainConfig, claim: bool = True) -> tuple[str, Path, Path]:
-    "`(run name, checkpoint folder, sample folder)`; `claim` (rank 0): mark both as training's (`core.claim_folder`)."
-    run = cfg.run or 'pggan'
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else outputs_dir('checkpoints', run, create=False)
-    sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else outputs_dir('samples', run, create=False)
-    if claim:
-        # run folders from before marks existed hold only what training writes (and hidden temp files of a killed run)
-        claim_folder(ckpt_dir, 'train', adopt=lambda f: all(p.name.startswith(('ckpt_', 'final.pt', 'train_log.csv', '.')) for p in f.iterdir()))
-        claim_folder(sample_dir, 'train', adopt=lambda f: all(p.name.startswith(('fakes_', '.')) for p in f.iterdir()))
-    return run, ckpt_dir, sample_dir
-
-# %% ../nbs/06_gan_train.ipynb #c7fdc57a
-def training_images(cfg: TrainConfig, rank: int = 0, world: int = 1, verbose: bool = True) -> tuple:
-    """`(frame, split record, RealImages)`: the images of `cfg.data` (missing files dropped with a warning), only those of
-    `cfg.train_split` unless 'all', their sizes checked, cached or streamed for this process's shard."""
-    if not cfg.data: raise ValueError("TrainConfig.data is not set: give the NIH-layout folder to train on "
-                                      "(the notebook and `cxr-pggan train` set it from the profile's dataset)")
-    every = load_training_frame(cfg.data, cfg.metadata)
-    df, split = select_split(every, cfg.splits, cfg.train_split)
-    if verbose and cfg.train_split != 'all':
-        print(f"training on the {cfg.train_split!r} split of {cfg.splits}: {len(df)} of {len(every)} images", flush=True)
-    with warnings.catch_warnings():
-        if rank != 0: warnings.simplefilter('ignore')                    # every rank refuses; rank 0 warns
-        check_image_sizes(df['path'], cfg.resolution, f"the training images of {cfg.data}")
-    reals = RealImages(df, cfg.resolution, cfg.channels, cache=cfg.cache_images, workers=cap_workers(cfg.workers),
-                       seed=cfg.seed, rank=rank, world=world, show_progress=verbose)
-    return df, split, reals
-
 # %% ../nbs/06_gan_train.ipynb #1c6e4648
 ARCH_KEYS = ('arch', 'channels', 'latent_dim', 'fmap_base', 'fmap_max', 'resolution', 'start_resolution')
 
@@ -602,6 +558,20 @@ def continue_log(src: Path, ckpt_dir: Path, step: int):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(log_csv) as tmp: shutil.copyfile(old_log, tmp)    # continue the earlier session's log
     _truncate_csv(log_csv, step)
+
+# %% ../nbs/06_gan_train.ipynb #fd8fe7b8
+@torch.no_grad()
+def broadcast_params(module, world: int):
+    "Rank 0's parameters and buffers of `module` to every process (no-op for one process)."
+    if world <= 1: return
+    for t in list(module.parameters()) + list(module.buffers()): dist.broadcast(t, 0)
+
+# %% ../nbs/06_gan_train.ipynb #fb703b09
+def distribute(nets, world: int, device, channels_last: bool = True):
+    "Rank 0's weights of every network in `nets` to every process, then the NHWC memory format on GPUs (`channels_last`)."
+    for n in nets: broadcast_params(n, world)
+    if torch.device(device).type == 'cuda' and channels_last:
+        for n in nets: n.to(memory_format=torch.channels_last)
 
 # %% ../nbs/06_gan_train.ipynb #5d8559d1
 @dataclass
@@ -750,6 +720,15 @@ def log_step(rs: RunState, parts: dict, alpha: float, ph: dict, img_per_s: float
     _append_csv(rs.log_csv, row)
     return row
 
+# %% ../nbs/06_gan_train.ipynb #93ff09f2
+@torch.no_grad()
+def save_grid(G, z, path, output_range, nrow: int | None = None) -> Path:
+    "PNG grid of G(z) (EMA or raw) mapped to [0, 1]."
+    was = G.training; G.eval()
+    x = to_unit(G(z), output_range).cpu(); G.train(was)
+    with atomic_path(path) as tmp: save_image(x, tmp, nrow=nrow or max(1, int(math.ceil(math.sqrt(len(z))))), padding=1, format='png')
+    return Path(path)
+
 # %% ../nbs/06_gan_train.ipynb #8f529c0d
 def _inputs(rs: RunState) -> dict | None:
     "The provenance inputs of a model file: the metadata CSV and, when training on one split, the splits file."
@@ -844,6 +823,26 @@ def finish_run(rs: RunState) -> dict:
                 n_images=len(rs.df), train_split=rs.split, device=str(rs.device), precision=rs.prec.label, stopped=rs.stopped,
                 skipped_steps=dict(D=c['skipped_D'], G=c['skipped_G']), resume_hint=stop_message(rs) if rs.stopped else None,
                 last=None if lp is None else {k: float(v) for k, v in lp.items()})
+
+# %% ../nbs/06_gan_train.ipynb #dbd6a09a
+def plot_curves(log_csv, out_png) -> Path:
+    "Seaborn figure of the training log: losses, gradient penalty, Wasserstein estimate, alpha and speed vs kimg."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt, seaborn as sns
+    df = pd.read_csv(log_csv)
+    sns.set_theme(style='whitegrid', context='paper')
+    fig, ax = plt.subplots(1, 4, figsize=(14, 3.2))
+    long = df.melt('kimg', ['loss_D', 'loss_G'], var_name='loss', value_name='value')
+    sns.lineplot(long, x='kimg', y='value', hue='loss', ax=ax[0]); ax[0].set_title('losses')
+    sns.lineplot(df, x='kimg', y='wdist', ax=ax[1]); ax[1].set_title('E[D(real)] - E[D(fake)]')
+    sns.lineplot(df, x='kimg', y='gp', ax=ax[2]); ax[2].set_yscale('log'); ax[2].set_title('gradient penalty')
+    sns.lineplot(df, x='kimg', y='alpha', ax=ax[3], label='alpha'); ax[3].set_title('fade-in alpha and resolution')
+    ax3 = ax[3].twinx(); ax3.step(df['kimg'], df['resolution'], color='C3', where='post', label='resolution'); ax3.set_yscale('log', base=2)
+    for a in ax: a.set_xlabel('kimg')
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp: fig.savefig(tmp, dpi=150, format='png')
+    plt.close(fig)
+    return Path(out_png)
 
 # %% ../nbs/06_gan_train.ipynb #5ee81b68
 def training_loop(cfg: TrainConfig, callbacks=(), quiet: bool = False) -> dict:
