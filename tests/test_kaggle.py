@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_pggan import core, train as T
+from cxr_pggan import core, loss as L, train as T
 from cxr_pggan.core import KAGGLE_KNOBS, derive_profile, resolve_precision, section_params
 from cxr_pggan.pggan import Discriminator, Generator, make_config
 from test_train import Crash, _sd_equal, crash_at, nih_folder, tiny  # noqa: F401  (nih_folder is a fixture)
@@ -26,9 +26,9 @@ def _rel(a, b):
 
 
 def _d_step_grads(D, real, fake, prec, scaler=None):
-    "Penalty, loss and D's (unscaled) gradients of one critic step, the way `train._Step` computes them."
+    "Penalty, loss and D's (unscaled) gradients of one critic step, the way `loss.WGANGP` computes them."
     D.zero_grad(set_to_none=True)
-    loss, parts = T.d_loss_wgangp(D, real, fake, 10.0, 1e-3, torch.Generator().manual_seed(3),
+    loss, parts = L.d_loss_wgangp(D, real, fake, 10.0, 1e-3, torch.Generator().manual_seed(3),
                                   prec.autocast if prec.dtype is not None else None, scaler=scaler)
     if scaler is None: loss.backward()
     else:
@@ -76,10 +76,10 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     c = T.TrainConfig(resolution=8, start_resolution=8, latent_dim=16, channels=1)
     prec = resolve_precision('fp16', 'cpu', cpu=True)
     scalers = dict(D=torch.amp.GradScaler('cpu', init_scale=2.0 ** 100), G=torch.amp.GradScaler('cpu', init_scale=2.0 ** 100))
-    step = T._Step(G, D, Ge, *T.make_optimizers(G, D), c, torch.device('cpu'), prec=prec, scalers=scalers)
+    step = L.WGANGP(G, D, Ge, *T.make_optimizers(G, D), c, torch.device('cpu'), prec=prec, scalers=scalers)
     before = {k: v.clone() for k, v in D.state_dict().items()}
     parts = step(torch.rand(4, 1, 8, 8) * 2 - 1)
-    assert parts['skip_D'] and scalers['D'].get_scale() == 2.0 ** 99
+    assert parts['skipped_D'] == 1 == step.counters['skipped_D'] and scalers['D'].get_scale() == 2.0 ** 99
     assert _sd_equal(D.state_dict(), before)
 
 
@@ -90,8 +90,8 @@ def test_checkpointing_gradients_equal():
     real, z, z2 = torch.rand(4, 1, 16, 16) * 2 - 1, torch.randn(4, 16), torch.randn(4, 16)
     def grads(on):
         for n in (G, D): n.set_checkpointing(on); n.zero_grad(set_to_none=True)
-        loss_D, _ = T.d_loss_wgangp(D, real, G(z), generator=torch.Generator().manual_seed(1))
-        (loss_D + T.g_loss_wgan(D, G(z2))).backward()
+        loss_D, _ = L.d_loss_wgangp(D, real, G(z), generator=torch.Generator().manual_seed(1))
+        (loss_D + L.g_loss_wgan(D, G(z2))).backward()
         return {f'{m}.{k}': p.grad.clone() for m, net in (('G', G), ('D', D)) for k, p in net.named_parameters() if p.grad is not None}
     ref, got = grads(False), grads(True)
     assert ref.keys() == got.keys() and len(ref) > 10
