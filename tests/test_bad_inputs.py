@@ -204,7 +204,8 @@ def test_kill_9_then_resume(ws, verb):
     p = subprocess.Popen([sys.executable, '-m', 'cxr_pggan', *map(str, argv)], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     watch = (w / 'outputs' / 'checkpoints' / 'killed') if verb == 'train' else (w / 'killed_archive' / 'records')
     t0 = time.time()                                # no wall-clock verdict: a loaded machine only makes this wait longer
-    while time.time() - t0 < 1800 and p.poll() is None and not (watch.exists() and len(list(watch.glob('*'))) >= 3): time.sleep(0.1)
+    done = lambda: len(list(watch.glob('ckpt_*.pt'))) >= 1 if verb == 'train' else len(list(watch.glob('[!.]*'))) >= 3
+    while time.time() - t0 < 1800 and p.poll() is None and not (watch.exists() and done()): time.sleep(0.1)   # finished files, not temporary ones
     assert p.poll() is None, 'the run ended before it could be killed: make it longer'
     p.send_signal(signal.SIGKILL); p.wait()
     r = cli(w, *argv)
