@@ -10,9 +10,8 @@ import re as _re
 from importlib import metadata as _md
 from pathlib import Path
 import numpy as np
-from tqdm.auto import tqdm
-# torch is imported inside the few functions that need it (seeding, devices, precision, torch_load): `cxr_pggan.cli`
-# imports this module at its top, and `cxr-pggan --help` must stay instant, so `core` loads neither torch nor pandas.
+# torch (seeding, devices, precision, torch_load) and tqdm (progress bars) are imported inside the few functions that use
+# them: `cxr_pggan.cli` imports this module at its top and `cxr-pggan --help` must stay instant, so `core` loads only numpy.
 
 # %% auto #0
 __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGLE_KNOBS', 'PROFILE_NAMES', 'PRECISIONS',
@@ -627,6 +626,7 @@ def dist_env() -> dict:
 # %% ../nbs/00_core.ipynb #f48a7849
 def progress(it=None, **kw):
     "`tqdm.auto.tqdm` with our defaults; `TQDM_DISABLE=1` silences it whatever `disable=` says."
+    from tqdm.auto import tqdm
     kw.setdefault('dynamic_ncols', True); kw.setdefault('mininterval', 1.0)
     if os.environ.get('TQDM_DISABLE', '').lower() not in ('', '0', 'false'): kw['disable'] = True
     return tqdm(it, **kw)
