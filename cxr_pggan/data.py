@@ -353,7 +353,6 @@ def refine_split(assign, n, C, fractions, max_moves: int = 20000):
 def patient_split(df: pd.DataFrame, fractions=(0.7, 0.1, 0.2), names=None, seed: int = 0,
                   labels=LABELS, refine: bool = True, max_moves: int = 20000) -> pd.Series:
     "Split name per image (aligned with `df`): patient-level iterative stratification, then drift refinement."
-    from iterstrat.ml_stratifiers import IterativeStratification
     fractions = np.asarray(fractions, np.float64)
     if not valid_fractions(fractions):
         raise ValueError(f"fractions must be ≥2 positive numbers summing to 1, got {fractions.tolist()}")

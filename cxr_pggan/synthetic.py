@@ -139,6 +139,26 @@ def _resumable(out: Path, ident: dict, settings: dict, steps: int, generator) ->
                                                   "use another --out, or ask for at least as many steps to continue it")
     return rec
 
+def _check_counts(**counts):
+    "One line for the first of `counts` (name=value) below 1."
+    for k, v in counts.items():
+        if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
+
+def _optimiser(E, lr: float, rec: dict | None, scaler):
+    "Adam (betas 0.9/0.99) over `E`, with the optimiser and loss-scaler states of the resumed record `rec`."
+    opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
+    if rec is not None and rec.get('optimizer'): opt.load_state_dict(rec['optimizer'])
+    if rec is not None and rec.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(rec['scaler'])
+    return opt
+
+def _write_encoder(out, E, ident, settings, steps, seed, generator, step, history, opt, scaler, what, complete):
+    "Save the encoder with its training state to `out`, and its provenance (the step, whether complete, the last scores)."
+    save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what,
+                 scaler.state_dict() if scaler.is_enabled() else None)
+    write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
+                     weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
+                     extra=dict(step=step, complete=complete, last=history[-1] if history else None), kind='latent encoder')
+
 def _encoder_step(E, G, opt, scaler, ac, z) -> float:
     "One step: render G(z) without gradient, MSE of E(G(z)) to z, Adam (fp16: overflowed steps skipped by the scaler); the loss."
     with torch.no_grad(), ac(): x = G(z).float()
@@ -153,8 +173,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     """Train (or resume) the latent encoder of the GAN checkpoint `generator` and write it to `out`; returns a summary.
     `callbacks`: functions `f(step)` called after every step (tests use them to simulate a kill)."""
     out = Path(out); check_writable(out, kind='latent encoder', adopt=lambda p: _is_encoder_file(p))
-    for k, v in dict(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every).items():
-        if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
+    _check_counts(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     pr = resolve_precision(precision, device)
     ac, what, scaler = pr.autocast, pr.label, pr.grad_scaler()
@@ -165,21 +184,14 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     rec = _resumable(out, ident, settings, steps, generator)
     if rec is not None: E.load_state_dict(rec['state_dict']); E.init_weights = rec.get('init_weights')
     E = E.to(device).train()
-    opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
-    if rec is not None and rec.get('optimizer'): opt.load_state_dict(rec['optimizer'])
-    if rec is not None and rec.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(rec['scaler'])
+    opt = _optimiser(E, lr, rec, scaler)
     step, history = (int(rec['step']), list(rec['history'])) if rec is not None else (0, [])
     if rec is not None: log(f"resuming {out} at step {step}")
     if not out.is_file(): write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
                                            weights={'generator': ident}, kind='latent encoder')   # marks `out` as ours before the first save
     zh, xh = _heldout(G, heldout, seed, device)
     t0, d = time.time(), G.latent_dim
-    def save(complete):
-        save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what,
-                     scaler.state_dict() if scaler.is_enabled() else None)
-        write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
-                         weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
-                         extra=dict(step=step, complete=complete, last=history[-1] if history else None), kind='latent encoder')
+    save = lambda complete: _write_encoder(out, E, ident, settings, steps, seed, generator, step, history, opt, scaler, what, complete)
     bar = progress(total=steps, initial=step, desc='encoder', unit='step')
     while step < steps:
         z = torch.randn(batch_size, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)
