@@ -26,7 +26,7 @@ __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGL
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
-    "The folder holding `settings.ini` above `start` (default: cwd, then this package); cwd when none is found."
+    "The folder holding `settings.ini` and `cxr_pggan/`, at or above `start` (default: cwd, then this package); cwd when none is found."
     cands = [Path(start or Path.cwd()).resolve()]
     if '__file__' in globals(): cands.append(Path(__file__).resolve().parent)   # the installed package (not in a notebook)
     for c in cands:

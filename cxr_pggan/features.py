@@ -250,8 +250,8 @@ def default_device() -> torch.device:
 # %% ../nbs/07a_features.ipynb #c8a101c4
 def extract_features(paths, extractor: nn.Module, batch_size: int = 50, num_workers: int | None = None,
                      device=None, cache: str | Path | FeatureCache | None = None, desc: str = 'features') -> np.ndarray:
-    """(N, D) float32 features of the image files `paths` (in order), read by a parallel DataLoader;
-    with `cache`, only images not in it are computed (and the cache is saved)."""
+    """(N, D) float32 features of the image files `paths` (in order), read by a DataLoader (by default in the main process
+    below 64 images to compute, else by up to 8 workers); with `cache`, only images not in it are computed (and the cache is saved)."""
     paths = [str(p) for p in paths]
     if not paths: raise ValueError("extract_features: no image paths given")
     device = torch.device(device) if device is not None else default_device()

@@ -326,7 +326,7 @@ def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, st
 
 # %% ../nbs/10_class_optimisation.ipynb #3c0224dc
 def verification_figure(v: dict, path: str | Path, what: str = 'cardiothoracic ratio'):
-    "Both distributions (random vs converged class-optimised samples) as overlaid histograms with medians."
+    "Both distributions (random vs converged class-optimised samples) as overlaid histograms; their medians, p and failure rate in the title."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt, seaborn as sns
     df = pd.concat([pd.DataFrame({what: v['values'][k], 'samples': lab}) for k, lab in
