@@ -522,6 +522,7 @@ def _train_classifier_parser() -> CLIParser:
                     'fractions knob, val / (train + val), 0.125 for 70/10/20)')
     return ap
 
+# %% ../nbs/07_classifier.ipynb #cbb13a5f
 def train_classifier_cli(argv: list[str]) -> int:
     "`cxr-pggan train-classifier`: train on a dataset's train split (or another folder with --test-data), write the checkpoint and its AUC table."
     a = _train_classifier_parser().parse_args(argv)

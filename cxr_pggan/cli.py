@@ -57,6 +57,7 @@ def _usage() -> str:
     lines += ['', "run 'cxr-pggan <verb> --help' for a verb's options"]
     return '\n'.join(lines)
 
+# %% ../nbs/03_cli.ipynb #3025ce1b
 EXIT_USER, EXIT_BUG = 2, 1
 _USER_ERRORS = (OSError, ValueError, LookupError, ImportError, TypeError)
 

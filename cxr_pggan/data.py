@@ -87,10 +87,8 @@ def label_matrix(df: pd.DataFrame) -> np.ndarray:
     return df[LABELS].to_numpy(np.uint8)
 
 # %% ../nbs/01_data.ipynb #b3d5483d
-def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
-    "Read any NIH metadata variant (2017, v2020, Kaggle sample) into the canonical frame; default: the real v2020 table."
-    path = Path(path) if path is not None else default_metadata_path()
-    if not path.is_file(): raise MetadataError(f"metadata file {path} does not exist; pass the path of a Data_Entry_2017*.csv")
+def _read_metadata_csv(path: Path) -> pd.DataFrame:
+    "The table of a metadata CSV: the 2017 trailing-comma column dropped, names stripped, `Patient Gender` read as `Patient Sex`, every required column there."
     try: df = pd.read_csv(path, dtype={'Image Index': str, 'Finding Labels': str, 'View Position': str}, low_memory=False)
     except pd.errors.EmptyDataError: raise MetadataError(f"{path}: the file is empty; give the NIH Data_Entry CSV (a header line and one row per image)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
@@ -105,6 +103,14 @@ def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
         elif len(df.columns) == 1 and '\t' in str(df.columns[0]): hint = "; the file is separated by tabs — save it with commas"
         raise MetadataError(f"{path}: missing column(s) {missing}{hint}; found {[str(c)[:40] for c in df.columns[:8]]}. "
                             "Give the NIH ChestX-ray14 Data_Entry CSV or a CSV with these columns.")
+    return df
+
+# %% ../nbs/01_data.ipynb #3ce27290
+def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
+    "Read any NIH metadata variant (2017, v2020, Kaggle sample) into the canonical frame; default: the real v2020 table."
+    path = Path(path) if path is not None else default_metadata_path()
+    if not path.is_file(): raise MetadataError(f"metadata file {path} does not exist; pass the path of a Data_Entry_2017*.csv")
+    df = _read_metadata_csv(path)
     if df['Image Index'].isna().any():
         raise MetadataError(f"{path}: row {int(np.flatnonzero(df['Image Index'].isna())[0])} has an empty 'Image Index'")
     dup = df['Image Index'].duplicated()
@@ -213,6 +219,7 @@ def _too_small(path, size) -> str:
     return (f"{path}: a {size[0]}×{size[1]} image, smaller than {MIN_IMAGE_SIDE} px on a side, is not a usable radiograph; "
             "remove it from the image set (or replace it with the real image)")
 
+# %% ../nbs/01_data.ipynb #d842087f
 def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
     """Decode an image file to float32 in [0, 1]: (H, W) grey, or (H, W, 3) for a colour file with `keep_rgb`. An image
     smaller than `MIN_IMAGE_SIDE` px on a side is refused (`ImageTooSmallError`, naming the file)."""

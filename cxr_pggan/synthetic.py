@@ -139,6 +139,7 @@ def _resumable(out: Path, ident: dict, settings: dict, steps: int, generator) ->
                                                   "use another --out, or ask for at least as many steps to continue it")
     return rec
 
+# %% ../nbs/12_synthetic_training.ipynb #9929ea5d
 def _check_counts(**counts):
     "One line for the first of `counts` (name=value) below 1."
     for k, v in counts.items():
