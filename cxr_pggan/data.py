@@ -8,13 +8,13 @@ import argparse, contextlib, io, json, os, re, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
-from iterstrat.ml_stratifiers import IterativeStratification
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, claim_folder, data_dir, file_sha256, outputs_dir,
                             progress, register_profile, write_bench_json, profile_params, write_provenance, seed_everything, shared_dir)
-# matplotlib/seaborn are imported where a figure is drawn, torchxrayvision where its bundled table is looked up
+# Imported where used: matplotlib/seaborn (figures), torchxrayvision (its bundled table), and the two that cost seconds on
+# import although one function each needs them, since every module imports `data`: torchvision's transforms (about 2 s,
+# `paper_augment`) and iterative-stratification (about 1 s with scikit-learn, `patient_split`).
 
 # %% auto #0
 __all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'MIN_IMAGE_SIDE', 'MAX_UPSAMPLE', 'OFFICIAL_LISTS',
@@ -246,6 +246,7 @@ def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
 # %% ../nbs/01_data.ipynb #4a773bf3
 def paper_augment():
     "The paper's classifier augmentations: ±10° rotation, horizontal flip p=0.5, brightness/contrast jitter 0.1."
+    from torchvision.transforms import v2
     return v2.Compose([v2.RandomRotation(10), v2.RandomHorizontalFlip(0.5), v2.ColorJitter(brightness=0.1, contrast=0.1)])
 
 # %% ../nbs/01_data.ipynb #e1d20a45
@@ -360,6 +361,7 @@ def refine_split(assign, n, C, fractions, max_moves: int = 20000):
 def patient_split(df: pd.DataFrame, fractions=(0.7, 0.1, 0.2), names=None, seed: int = 0,
                   labels=LABELS, refine: bool = True, max_moves: int = 20000) -> pd.Series:
     "Split name per image (aligned with `df`): patient-level iterative stratification, then drift refinement."
+    from iterstrat.ml_stratifiers import IterativeStratification
     fractions = np.asarray(fractions, np.float64)
     if not valid_fractions(fractions):
         raise ValueError(f"fractions must be ≥2 positive numbers summing to 1, got {fractions.tolist()}")
