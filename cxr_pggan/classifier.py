@@ -7,10 +7,16 @@ from __future__ import annotations
 import argparse, json, math, os, re, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
+from PIL import Image
+from scipy.stats import rankdata
+from sklearn.metrics import roc_curve
+from torchvision.models import densenet121
 from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_device, check_writable, file_sha256, parse_sets, payload_digest,
-                            progress, register_profile, resolve_precision, save_table, read_record, torch_load, write_provenance, seed_everything)
-from .data import LABELS
+                            progress, register_profile, resolve_precision, save_table, read_record, section_params, torch_load, write_provenance,
+                            seed_everything)
+from .data import LABELS, CXRDataset, check_image_sizes, load_splits, parse_labels, patient_split
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
+from .pggan import Discriminator, EqualizedLinear, PGGANConfig, load_pretrained
 
 # %% auto #0
 __all__ = ['DENSENET_FILE', 'DENSENET_ENV', 'DENSENET_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_CI_CASES', 'CKPT_FORMAT',
@@ -19,7 +25,7 @@ __all__ = ['DENSENET_FILE', 'DENSENET_ENV', 'DENSENET_URL', 'IMAGENET_MEAN', 'IM
            'bce_class_weights', 'WeightedBCE', 'roc_auc_table', 'macro_auc', 'youden_thresholds', 'save_classifier',
            'read_classifier_checkpoint', 'load_classifier', 'classifier_provenance', 'predict_logits',
            'train_classifier', 'fit_classifier', 'restrict_to_list', 'classifier_frame', 'transfer_frame',
-           'check_patient_column', 'transfer_cli_frame', 'train_classifier_cli']
+           'check_patient_column', 'train_classifier_cli', 'transfer_cli_frame']
 
 # %% ../nbs/07_classifier.ipynb #47c48e73
 DENSENET_FILE = 'densenet121-a639ec97.pth'
@@ -91,7 +97,6 @@ class DenseNetClassifier(CXRClassifier):
     def __init__(self, labels=LABELS, input_size: int = 224):
         if int(input_size) < 32: raise ValueError(f"DenseNet-121 needs input_size >= 32 (it downsamples 32x), got {input_size}")
         super().__init__(labels, input_size)
-        from torchvision.models import densenet121
         self.features = densenet121(weights=None).features
         self.head = nn.Linear(1024, len(self.labels))
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -124,7 +129,6 @@ class DiscriminatorClassifier(CXRClassifier):
     "A PGGAN discriminator whose decision layer is replaced by `len(labels)` outputs."
     arch = 'discriminator'
     def __init__(self, gan_config: dict, resolution: int, labels=LABELS, input_size: int | None = None):
-        from cxr_pggan.pggan import Discriminator, EqualizedLinear, PGGANConfig
         if input_size is not None and int(input_size) != int(resolution):
             raise ValueError(f"the discriminator works at its own resolution {resolution}; input_size={input_size} differs (leave it out)")
         super().__init__(labels, resolution)
@@ -151,7 +155,6 @@ class DiscriminatorClassifier(CXRClassifier):
 def discriminator_classifier(gan: str | Path, labels=LABELS, input_size: int | None = None,
                              trust_pickle: bool = False) -> DiscriminatorClassifier:
     "Classifier started from the trained D of the GAN checkpoint `gan` (any format `load_pretrained` reads)."
-    from cxr_pggan.pggan import load_pretrained
     pre = load_pretrained(gan, trust_pickle=trust_pickle)
     if pre.D is None: raise ValueError(f"{gan}: the checkpoint has no discriminator ({pre.meta.get('networks')}); "
                                        "use a full training checkpoint (G and D), not a generator-only file")
@@ -187,7 +190,6 @@ class WeightedBCE(nn.Module):
 # %% ../nbs/07_classifier.ipynb #2efe1624
 def _auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     "ROC AUC of each row of (B, N) labels `y` and scores `s` (NaN when a row has one class)."
-    from scipy.stats import rankdata
     r = rankdata(s, axis=-1)
     npos = y.sum(-1); nneg = y.shape[-1] - npos
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -231,7 +233,6 @@ def macro_auc(y, scores) -> float:
 # %% ../nbs/07_classifier.ipynb #20196adb
 def youden_thresholds(y, scores, labels=LABELS) -> np.ndarray:
     "Per-class threshold maximising Youden's J = tpr − fpr (score >= threshold is positive); 0 with a warning for a class lacking positives or negatives."
-    from sklearn.metrics import roc_curve
     y, s = np.asarray(y), np.asarray(scores, np.float64)
     out, bad = np.zeros(y.shape[1]), []
     for c in range(y.shape[1]):
@@ -281,6 +282,20 @@ def classifier_provenance(path: str | Path) -> dict:
     return {'classifier': dict(path=str(path), sha256=file_sha256(path), arch=rec['arch'], input_size=rec['input_size'],
                                init_weights=rec.get('init_weights') or 'none: random initialisation')}
 
+# %% ../nbs/07_classifier.ipynb #9d136e33
+def _toy_frame(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> pd.DataFrame:
+    "A tiny NIH-layout folder of random PNGs where Cardiomegaly images are brighter (for tests and demos of the mechanics)."
+    rng = np.random.default_rng(seed); (root / 'images').mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        lab = rng.random(len(LABELS)) < 0.15; lab[0] = not lab[1:].any()
+        cm = bool(lab[LABELS.index('Cardiomegaly')])
+        a = np.clip(rng.normal(0.35 + 0.3 * cm, 0.1, (size, size)), 0, 1)
+        name = f'{i // 2:08d}_{i % 2:03d}.png'
+        Image.fromarray((a * 255).astype(np.uint8)).save(root / 'images' / name)
+        rows.append({'Image Index': name, 'Patient ID': i // 2, 'path': str(root / 'images' / name), **{l: int(v) for l, v in zip(LABELS, lab)}})
+    return pd.DataFrame(rows)
+
 # %% ../nbs/07_classifier.ipynb #ac76f73d
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds, batch_size: int = 32, device=None, num_workers: int = 0, desc: str = 'predict'):
@@ -294,6 +309,21 @@ def predict_logits(model: nn.Module, ds, batch_size: int = 32, device=None, num_
     return torch.cat(ys).numpy(), torch.cat(ls).numpy()
 
 # %% ../nbs/07_classifier.ipynb #be9a344f
+def _train_epoch(model, dl, loss_fn, opt, prec, scaler, device, max_steps: int | None, desc: str) -> tuple[float, int, int]:
+    "One pass over `dl` (at most `max_steps` batches): (summed loss, batches, optimiser steps fp16 loss scaling skipped)."
+    model.train(); tot, k, skipped = 0.0, 0, 0
+    for i, (x, y) in enumerate(progress(dl, desc=desc, leave=False)):
+        if max_steps is not None and i >= max_steps: break
+        with prec.autocast(): logits = model(x.to(device, non_blocking=True)).float()
+        loss = loss_fn(logits, y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            s0 = scaler.get_scale(); scaler.step(opt); scaler.update(); skipped += scaler.get_scale() < s0
+        else: opt.step()
+        tot += loss.item(); k += 1
+    return tot, k, skipped
+
+# %% ../nbs/07_classifier.ipynb #02851071
 def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
                      lr_patience: int = 1, patience: int = 3, min_delta: float = 1e-4, max_steps: int | None = None,
                      device=None, num_workers: int = 0, seed: int = 0, log=print, precision: str = 'fp32') -> dict:
@@ -312,16 +342,9 @@ def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, b
                                      drop_last=len(train_ds) > batch_size, pin_memory=device.type == 'cuda')
     best, best_state, best_epoch, bad, hist = -math.inf, None, -1, 0, []
     for ep in range(epochs):
-        model.train(); t0, tot, k = time.time(), 0.0, 0
-        for i, (x, y) in enumerate(progress(dl, desc=f'epoch {ep + 1}/{epochs}', leave=False)):
-            if max_steps is not None and i >= max_steps: break
-            with prec.autocast(): logits = model(x.to(device, non_blocking=True)).float()
-            loss = loss_fn(logits, y.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True); scaler.scale(loss).backward()
-            if scaler.is_enabled():
-                s0 = scaler.get_scale(); scaler.step(opt); scaler.update(); skipped += scaler.get_scale() < s0
-            else: opt.step()
-            tot += loss.item(); k += 1
+        t0 = time.time()
+        tot, k, sk = _train_epoch(model, dl, loss_fn, opt, prec, scaler, device, max_steps, f'epoch {ep + 1}/{epochs}')
+        skipped += sk
         yv, lv = predict_logits(model, val_ds, batch_size=max(batch_size, 32), device=device, num_workers=num_workers, desc='validate')
         auc = macro_auc(yv, lv); score = auc if math.isfinite(auc) else 0.0
         hist.append(dict(epoch=ep + 1, loss=tot / max(k, 1), val_macro_auc=auc, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0,
@@ -341,21 +364,6 @@ def train_classifier(model: CXRClassifier, train_ds, val_ds, epochs: int = 20, b
     return dict(model=model.eval(), history=hist, best_epoch=best_epoch, val_macro_auc=best,
                 thresholds=thr, w_pos=w_pos.tolist(), w_neg=w_neg.tolist(), precision_used=prec.label)
 
-# %% ../nbs/07_classifier.ipynb #9d136e33
-def _toy_frame(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> pd.DataFrame:
-    "A tiny NIH-layout folder of random PNGs where Cardiomegaly images are brighter (for tests and demos of the mechanics)."
-    from PIL import Image
-    rng = np.random.default_rng(seed); (root / 'images').mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        lab = rng.random(len(LABELS)) < 0.15; lab[0] = not lab[1:].any()
-        cm = bool(lab[LABELS.index('Cardiomegaly')])
-        a = np.clip(rng.normal(0.35 + 0.3 * cm, 0.1, (size, size)), 0, 1)
-        name = f'{i // 2:08d}_{i % 2:03d}.png'
-        Image.fromarray((a * 255).astype(np.uint8)).save(root / 'images' / name)
-        rows.append({'Image Index': name, 'Patient ID': i // 2, 'path': str(root / 'images' / name), **{l: int(v) for l, v in zip(LABELS, lab)}})
-    return pd.DataFrame(rows)
-
 # %% ../nbs/07_classifier.ipynb #656a0df0
 CLASSIFIER_KIND, AUC_KIND = 'classifier', 'classifier AUC table'   # provenance kinds of `train-classifier --out` and its .auc.csv
 
@@ -364,24 +372,28 @@ def _is_classifier_file(path) -> bool:
     try: return read_record(path, CKPT_FORMAT, 'classifier checkpoint', 'cxr-pggan train-classifier', '') is not None
     except (OSError, ValueError): return False
 
+def _new_model(arch: str, input_size: int, weights, discriminator) -> CXRClassifier:
+    "A fresh DenseNet-121 (ImageNet weights when found) or the classifier made of the discriminator of the GAN `discriminator`."
+    if arch == 'densenet121': return densenet_classifier(LABELS, input_size, weights)
+    if arch == 'discriminator':
+        if discriminator is None: raise ValueError("arch='discriminator' needs `discriminator=`: a trained GAN checkpoint")
+        return discriminator_classifier(discriminator, LABELS)
+    raise ValueError(f"unknown arch {arch!r}; choose 'densenet121' or 'discriminator'")
+
+# %% ../nbs/07_classifier.ipynb #9c740f3d
 def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121', input_size: int = 224,
                    weights: str | Path | None = None, discriminator: str | Path | None = None, epochs: int = 20,
                    batch_size: int = 16, lr: float = 1e-3, lr_patience: int = 1, patience: int = 3,
                    max_steps: int | None = None, n_boot: int = 1000, device=None, num_workers: int = 0,
                    seed: int = 0, inputs: dict | None = None, log=print, precision: str = 'fp32') -> dict:
     "Train on `df[split=='train']`, threshold on 'val', evaluate on 'test'; write the checkpoint `out` and its provenance."
-    from cxr_pggan.data import CXRDataset, check_image_sizes
     check_writable(out, kind=CLASSIFIER_KIND, adopt=_is_classifier_file); num_workers = cap_workers(num_workers)
     if 'split' not in df.columns: raise KeyError("fit_classifier needs a 'split' column (train/val/test); see cxr_pggan.data.load_splits / patient_split")
     parts = {s: df[df['split'] == s] for s in ('train', 'val', 'test')}
     empty = [s for s, d in parts.items() if len(d) == 0]
     if empty: raise ValueError(f"split(s) {empty} are empty (split counts: {df['split'].value_counts().to_dict()}); every split needs images")
     seed_everything(seed)
-    if arch == 'densenet121': model = densenet_classifier(LABELS, input_size, weights)
-    elif arch == 'discriminator':
-        if discriminator is None: raise ValueError("arch='discriminator' needs `discriminator=`: a trained GAN checkpoint")
-        model = discriminator_classifier(discriminator, LABELS)
-    else: raise ValueError(f"unknown arch {arch!r}; choose 'densenet121' or 'discriminator'")
+    model = _new_model(arch, input_size, weights, discriminator)
     check_image_sizes(df['path'], model.input_size, f"the classifier's images ({model.input_size}² input)")
     ch = 1
     res = train_classifier(model, CXRDataset(parts['train'], model.input_size, ch, augment=True), CXRDataset(parts['val'], model.input_size, ch),
@@ -405,7 +417,6 @@ def fit_classifier(df: pd.DataFrame, out: str | Path, arch: str = 'densenet121',
 def restrict_to_list(df: pd.DataFrame, image_list: str | Path) -> pd.DataFrame:
     """Rows of `df` whose `Image Index` is listed in `image_list`: a text file (one name per line) or a CSV with an
     `Image Index` column; a CSV with `Finding Labels` also replaces the listed images' labels."""
-    from cxr_pggan.data import parse_labels
     path = Path(image_list)
     if not path.is_file(): raise FileNotFoundError(f"image_list {path}: no such file (a .txt of image names or a CSV with 'Image Index')")
     if path.suffix.lower() in ('.csv', '.gz'):
@@ -426,7 +437,6 @@ def restrict_to_list(df: pd.DataFrame, image_list: str | Path) -> pd.DataFrame:
 # %% ../nbs/07_classifier.ipynb #112c9115
 def classifier_frame(P: dict, splits: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     "`(frame with path, labels and split, provenance inputs)` for the knobs `P` (sections 'dataset' and 'classifier')."
-    from cxr_pggan.data import load_splits
     ds = resolve_dataset(P, images=True)
     if splits is None: df, sp = dataset_splits(ds, P['profile'], P['fractions'], P['split_seed'])
     else: df, sp = load_splits(splits, ds.frame), Path(splits)
@@ -438,7 +448,6 @@ def classifier_frame(P: dict, splits: str | Path | None = None) -> tuple[pd.Data
 def transfer_frame(train: pd.DataFrame, test: pd.DataFrame, val_fraction: float = 0.125, seed: int = 0,
                    synthetic_patients: bool = False, train_source: str = 'the training set', test_source: str = 'the test set') -> pd.DataFrame:
     "One frame for `fit_classifier`: train/val rows from `train` (its split, or a new patient-level one), test rows = the test split of `test`."
-    from cxr_pggan.data import patient_split
     if 'split' not in test.columns or not (test['split'] == 'test').any():
         have = sorted(test['split'].astype(str).unique()) if 'split' in test.columns else 'none'
         raise ValueError(f"{test_source}: no 'test' split (its splits: {have}); give the test folder a train/val/test split, e.g. "
@@ -491,27 +500,8 @@ register_profile('classifier',
     paper=dict(generator='auto', image_list=None, input_size=224, epochs=50, batch_size=16, lr=1e-3, lr_patience=1, max_steps=None,
                patience=5, n_boot=1000, workers=8, seed=0, precision='fp32'));
 
-# %% ../nbs/07_classifier.ipynb #a033b573
-def transfer_cli_frame(a, P: dict) -> tuple[pd.DataFrame, dict]:
-    "The frame and inputs of `train-classifier --data TRAIN --test-data TEST` (see `transfer_frame`)."
-    from cxr_pggan.core import section_params
-    from cxr_pggan.data import load_splits
-    if not a.data: raise ValueError("--test-data needs --data FOLDER: the folder to train and validate on (e.g. an archive)")
-    check_patient_column(a.data, a.metadata)
-    Pt = section_params(a.profile, 'dataset', 'classifier', dataset=a.test_data, image_list=a.image_list, **parse_sets(a.set))
-    test, tin = classifier_frame(Pt, a.test_splits)
-    ds = resolve_dataset(P | dict(image_list=None), images=True)
-    train = load_splits(a.splits, ds.frame) if a.splits else ds.frame
-    f = [float(v) for v in P['fractions']]
-    vf = a.val_fraction if a.val_fraction is not None else (f[1] / (f[0] + f[1]) if len(f) >= 3 else 0.125)
-    df = transfer_frame(train, test, vf, P['split_seed'], synthetic_patients=_archive_folder(ds.folder),
-                        train_source=str(ds.metadata), test_source=str(tin['splits']))
-    inputs = {'test_' + k: v for k, v in tin.items()} | {'metadata': ds.metadata} | ({'splits': a.splits} if a.splits else {})
-    return df, inputs
-
 # %% ../nbs/07_classifier.ipynb #34639af4
-def train_classifier_cli(argv: list[str]) -> int:
-    from cxr_pggan.core import section_params
+def _train_classifier_parser() -> CLIParser:
     ap = CLIParser(prog='cxr-pggan train-classifier',
                                  description='Train the 15-label classifier (DenseNet-121 or discriminator), set Youden thresholds on val, report test ROC AUC.')
     ap.add_argument('--profile', default='demo', choices=['smoke', 'demo', 'paper', 'kaggle'], help="defaults of every knob (default: demo)")
@@ -530,7 +520,12 @@ def train_classifier_cli(argv: list[str]) -> int:
     ap.add_argument('--test-splits', help="splits CSV of --test-data (default: that dataset's shared split, made once)")
     ap.add_argument('--val-fraction', type=float, help='with --test-data: share of --data patients for validation (default: from the '
                     'fractions knob, val / (train + val), 0.125 for 70/10/20)')
-    a = ap.parse_args(argv)
+    return ap
+
+# %% ../nbs/07_classifier.ipynb #cbb13a5f
+def train_classifier_cli(argv: list[str]) -> int:
+    "`cxr-pggan train-classifier`: train on a dataset's train split (or another folder with --test-data), write the checkpoint and its AUC table."
+    a = _train_classifier_parser().parse_args(argv)
     check_device(a.device)
     P = section_params(a.profile, 'dataset', 'classifier', dataset=a.data, metadata=a.metadata, image_list=a.image_list, **parse_sets(a.set))
     check_writable(a.out, kind=CLASSIFIER_KIND, adopt=_is_classifier_file); check_writable(Path(a.out).with_suffix('.auc.csv'), kind=AUC_KIND, adopt=lambda _: _is_classifier_file(a.out))
@@ -550,3 +545,19 @@ def train_classifier_cli(argv: list[str]) -> int:
     print(r['auc'].to_string(index=False, float_format='%.3f'))
     print(f"checkpoint: {a.out}  (init weights: {(r['model'].init_weights or {}).get('path', 'none: random initialisation')})")
     return 0
+
+# %% ../nbs/07_classifier.ipynb #a033b573
+def transfer_cli_frame(a, P: dict) -> tuple[pd.DataFrame, dict]:
+    "The frame and inputs of `train-classifier --data TRAIN --test-data TEST` (see `transfer_frame`)."
+    if not a.data: raise ValueError("--test-data needs --data FOLDER: the folder to train and validate on (e.g. an archive)")
+    check_patient_column(a.data, a.metadata)
+    Pt = section_params(a.profile, 'dataset', 'classifier', dataset=a.test_data, image_list=a.image_list, **parse_sets(a.set))
+    test, tin = classifier_frame(Pt, a.test_splits)
+    ds = resolve_dataset(P | dict(image_list=None), images=True)
+    train = load_splits(a.splits, ds.frame) if a.splits else ds.frame
+    f = [float(v) for v in P['fractions']]
+    vf = a.val_fraction if a.val_fraction is not None else (f[1] / (f[0] + f[1]) if len(f) >= 3 else 0.125)
+    df = transfer_frame(train, test, vf, P['split_seed'], synthetic_patients=_archive_folder(ds.folder),
+                        train_source=str(ds.metadata), test_source=str(tin['splits']))
+    inputs = {'test_' + k: v for k, v in tin.items()} | {'metadata': ds.metadata} | ({'splits': a.splits} if a.splits else {})
+    return df, inputs

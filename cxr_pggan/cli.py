@@ -4,9 +4,13 @@
 
 # %% ../nbs/03_cli.ipynb #77211d57
 from __future__ import annotations
-import argparse, importlib, json, os, sys, time
+import argparse, importlib, json, logging, os, sys, time
 from pathlib import Path
-from .core import CLIParser, outputs_dir, repo_root, atomic_write, PROFILE_NAMES
+from . import __version__
+from .core import (BENCH_KIND, CLIParser, PROFILE_NAMES, atomic_write, check_writable, claim_folder, knob_names, one_line,
+                            outputs_dir, profile_params, repo_root)
+# Nothing here imports torch (`cxr-pggan --help` must answer at once): verbs are imported when they run, `train.TrainConfig`
+# where `params` needs it, and papermill (a development requirement) where `reproduce` runs notebooks.
 
 # %% auto #0
 __all__ = ['VERBS', 'BENCHES', 'EXIT_USER', 'EXIT_BUG', 'SECTIONS', 'main', 'bench_cli', 'params', 'params_cli',
@@ -41,6 +45,7 @@ BENCHES: dict[str, str] = {
     'privacy': 'cxr_pggan.privacy:bench_privacy_cli',
 }
 
+# %% ../nbs/03_cli.ipynb #1ee8a7ff
 def _resolve(target: str):
     mod, fn = target.split(':')
     return getattr(importlib.import_module(mod), fn)
@@ -52,6 +57,7 @@ def _usage() -> str:
     lines += ['', "run 'cxr-pggan <verb> --help' for a verb's options"]
     return '\n'.join(lines)
 
+# %% ../nbs/03_cli.ipynb #3025ce1b
 EXIT_USER, EXIT_BUG = 2, 1
 _USER_ERRORS = (OSError, ValueError, LookupError, ImportError, TypeError)
 
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ('-h', '--help', 'help'):
         print(_usage()); return 0
     if argv[0] in ('-V', '--version'):
-        from cxr_pggan import __version__; print(__version__); return 0
+        print(__version__); return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"cxr-pggan: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr); return EXIT_USER
@@ -74,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cxr-pggan {verb}: interrupted", file=sys.stderr); return 130
     except Exception as e:
         if debug: raise
-        from cxr_pggan.core import one_line
         user = isinstance(e, _USER_ERRORS)
         print(f"cxr-pggan {verb}: {'' if user else type(e).__name__ + ': '}{one_line(e)}"
               + ('' if user else '  (an internal error: run again with --debug for the traceback and report it)'), file=sys.stderr)
@@ -87,7 +92,6 @@ def bench_cli(argv: list[str]) -> int:
         print(f"usage: cxr-pggan bench {{{','.join(BENCHES)}}} [options] [--json FILE]", file=sys.stderr if argv and argv[0] not in ('-h', '--help') else sys.stdout)
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     if '--json' in argv[1:-1]:                     # the one rule for single output files, checked before the benchmark runs
-        from cxr_pggan.core import BENCH_KIND, check_writable
         check_writable(argv[argv.index('--json') + 1], kind=BENCH_KIND)
     return int(_resolve(BENCHES[argv[0]])(argv[1:]) or 0)
 
@@ -102,14 +106,13 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
     "The resolved knobs of every section (or `sections`) of `profile`; with 'gan', also its schedule as `gan_schedule`."
-    from cxr_pggan.core import profile_params
     if profile not in PROFILE_NAMES: raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
     bad = set(sections or []) - set(SECTIONS)
     if bad: raise KeyError(f"unknown section(s) {sorted(bad)}; choose from {list(SECTIONS)}")
     for s in sections or SECTIONS: importlib.import_module(SECTIONS[s])
     out = {s: {k: v for k, v in profile_params(s, profile).items() if k != 'profile'} for s in sections or SECTIONS}
     if 'gan' in out:
-        from cxr_pggan.train import TrainConfig
+        from cxr_pggan.train import TrainConfig               # torch: imported only when the GAN's knobs are asked for
         out['gan_schedule'] = TrainConfig.from_params(out['gan']).phases()
     return out
 
@@ -151,7 +154,7 @@ def paper_notebooks(nbs: str | Path | None = None) -> list[Path]:
 # %% ../nbs/03_cli.ipynb #b119245d
 def _ipc_kernel_manager():
     "A jupyter kernel manager on IPC sockets: local, and without the kernel's 'running over TCP without encryption' warning."
-    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.manager import AsyncKernelManager      # papermill's dependencies, imported with it
     from traitlets import CaselessStrEnum
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(['tcp', 'ipc'], default_value='ipc', config=True)
@@ -161,23 +164,36 @@ class _DropUnknownParameter:
     "logging filter: papermill's 'Passed unknown parameter' (every knob is a parameter the cell does not list, by design)."
     def filter(self, record): return 'Passed unknown parameter' not in record.getMessage()
 
+def _cell_printer(nb: Path, t0: float):
+    "papermill's `on_cell_start` hook: a stderr line as each code cell of `nb` starts (its number, seconds since `t0`)."
+    n_code = sum(c['cell_type'] == 'code' for c in json.loads(nb.read_text(encoding='utf-8'))['cells']) + 1   # + papermill's injected cell
+    seen = [0]
+    def on_cell_start(cell, cell_index, **_):
+        if cell.cell_type != 'code': return
+        seen[0] += 1
+        print(f'[reproduce] {nb.stem}: cell {seen[0]}/{n_code} ({time.time() - t0:.0f} s)', file=sys.stderr, flush=True)
+    return on_cell_start
+
+def _check_knobs(profile: str, parameters: dict):
+    "Refuse a `-p` knob that no notebook section has, in one line."
+    params(profile)                                           # registers every section
+    known = {k for s in SECTIONS for k in knob_names(s)}
+    bad = sorted(set(parameters) - known - {'profile'})
+    if bad: raise ValueError(f"-p {', '.join(bad)}: not a knob of any notebook; `cxr-pggan params --profile {profile}` lists them")
+
+# %% ../nbs/03_cli.ipynb #1c60d8bb
 def reproduce(profile: str = 'demo', only: list[str] | None = None, nbs: str | Path | None = None,
               out: str | Path | None = None, parameters: dict | None = None, kernel: str = 'python3', live: bool = True) -> dict:
     """Run the paper notebooks (all, or those whose name starts with one of `only`) with papermill. `live`: show each
     code cell as it starts and the notebook's own output (progress bars, kimg lines) in the terminal."""
-    import logging, papermill as pm
-    from cxr_pggan.core import claim_folder, knob_names
+    import papermill as pm
     nbs_dir = Path(nbs or repo_root() / 'nbs')
     if out is not None: claim_folder(out, 'reproduce')
     out = Path(out or outputs_dir('notebooks'))
     out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in paper_notebooks(nbs_dir) if not only or any(p.stem.startswith(o) for o in only)]
     if not todo: raise FileNotFoundError(f"no paper notebook in {nbs_dir} matches {only!r}")
-    if parameters:
-        params(profile)                                           # registers every section
-        known = {k for s in SECTIONS for k in knob_names(s)}
-        bad = sorted(set(parameters) - known - {'profile'})
-        if bad: raise ValueError(f"-p {', '.join(bad)}: not a knob of any notebook; `cxr-pggan params --profile {profile}` lists them")
+    if parameters: _check_knobs(profile, parameters)
     logging.getLogger('papermill').addFilter(_DropUnknownParameter())
     os.environ.setdefault('CXR_PGGAN_SESSION_START', str(time.time()))   # one clock for every notebook's time_budget
     summary = dict(profile=profile, notebooks=[])
@@ -185,16 +201,10 @@ def reproduce(profile: str = 'demo', only: list[str] | None = None, nbs: str | P
     for p in todo:
         t0 = time.time()
         print(f'[reproduce] {p.name} (profile={profile}) ...', flush=True)
-        n_code = sum(c['cell_type'] == 'code' for c in json.loads(p.read_text(encoding='utf-8'))['cells']) + 1   # + papermill's injected cell
-        seen = [0]
-        def on_cell_start(cell, cell_index, **_):
-            if cell.cell_type != 'code': return
-            seen[0] += 1
-            print(f'[reproduce] {p.stem}: cell {seen[0]}/{n_code} ({time.time() - t0:.0f} s)', file=sys.stderr, flush=True)
         pm.execute_notebook(str(p), str(out / p.name), parameters=dict(profile=profile, **(parameters or {})),
                             cwd=str(nbs_dir), kernel_name=kernel, language='python', progress_bar=False, log_output=False,
                             stdout_file=sys.stdout if live else None, stderr_file=sys.stderr if live else None,
-                            kernel_manager_class=_ipc_kernel_manager(), **(dict(on_cell_start=on_cell_start) if live else {}))
+                            kernel_manager_class=_ipc_kernel_manager(), **(dict(on_cell_start=_cell_printer(p, t0)) if live else {}))
         dt = time.time() - t0
         summary['notebooks'].append(dict(notebook=p.name, seconds=round(dt, 1), executed=str(out / p.name)))
         print(f'[reproduce] {p.name} done in {dt:.0f} s', flush=True)

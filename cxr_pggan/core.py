@@ -4,10 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #ee1cbc17
 from __future__ import annotations
-import contextlib, copy, dataclasses, datetime, hashlib, json, os, platform, random, subprocess, sys, tempfile, warnings
+import argparse, contextlib, copy, dataclasses, datetime, errno, hashlib, inspect, json, os, pickle, platform, random, shutil, \
+    subprocess, sys, tempfile, time, warnings, zipfile
+import re as _re
 from importlib import metadata as _md
 from pathlib import Path
 import numpy as np
+# torch (seeding, devices, precision, torch_load) and tqdm (progress bars) are imported inside the few functions that use
+# them: `cxr_pggan.cli` imports this module at its top and `cxr-pggan --help` must stay instant, so `core` loads only numpy.
 
 # %% auto #0
 __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGLE_KNOBS', 'PROFILE_NAMES', 'PRECISIONS',
@@ -22,7 +26,7 @@ __all__ = ['OWNER_FILE', 'BASE_PROFILES', 'DERIVED_PROFILES', 'PROFILES', 'KAGGL
 
 # %% ../nbs/00_core.ipynb #3a8f0fc5
 def repo_root(start: str | Path | None = None) -> Path:
-    "The folder holding `settings.ini` above `start` (default: cwd, then this package); cwd when none is found."
+    "The folder holding `settings.ini` and `cxr_pggan/`, at or above `start` (default: cwd, then this package); cwd when none is found."
     cands = [Path(start or Path.cwd()).resolve()]
     if '__file__' in globals(): cands.append(Path(__file__).resolve().parent)   # the installed package (not in a notebook)
     for c in cands:
@@ -39,11 +43,13 @@ def on_kaggle() -> bool:
     "True inside a Kaggle notebook session (Kaggle sets `KAGGLE_KERNEL_RUN_TYPE`)."
     return bool(os.environ.get('KAGGLE_KERNEL_RUN_TYPE'))
 
+# %% ../nbs/00_core.ipynb #72964a66
 def kaggle_dirs() -> dict:
     "Kaggle's attached-input root and its persistent working folder (`$CXR_PGGAN_KAGGLE_INPUT`, `$CXR_PGGAN_KAGGLE_WORKING` move them, for tests)."
     return dict(input=_env_dir('CXR_PGGAN_KAGGLE_INPUT', Path('/kaggle/input')),
                 working=_env_dir('CXR_PGGAN_KAGGLE_WORKING', Path('/kaggle/working')))
 
+# %% ../nbs/00_core.ipynb #d179ee3a
 def outputs_dir(*parts, create=True) -> Path:
     "`outputs/` of the repo (or `$CXR_PGGAN_OUTPUTS`; on Kaggle `/kaggle/working/outputs`, the folder that outlives the session) joined with `parts`."
     default = Path(tempfile.gettempdir()) / 'cxr_pggan_test_outputs' if os.environ.get('IN_TEST') else \
@@ -175,6 +181,7 @@ def check_writable(path: str | Path, folder: str | Path | None = None, kind: str
     another kind or none (`adopt(path)` True: a file of this kind from before kinds were recorded)."""
     return _writable(Path(path), None if folder is None else foreign_files(folder), kind, adopt)
 
+# %% ../nbs/00_core.ipynb #f3548d85
 def check_all_writable(paths, folder: str | Path | None = None) -> list[Path]:
     "`check_writable` for many paths, reading `folder`'s mark once."
     foreign = None if folder is None else foreign_files(folder)
@@ -183,7 +190,6 @@ def check_all_writable(paths, folder: str | Path | None = None) -> list[Path]:
 # %% ../nbs/00_core.ipynb #e5a13551
 def remove_owned(folder: str | Path, writer: str) -> bool:
     "Delete `folder` when `writer` made it and it holds no foreign file; refuse otherwise. False when it does not exist."
-    import shutil
     folder = Path(folder)
     if not folder.exists(): return False
     mark = folder / OWNER_FILE
@@ -297,7 +303,6 @@ def section_params(profile: str, *sections: str, **overrides) -> dict:
 # %% ../nbs/00_core.ipynb #d54eadcd
 def clear_knobs(ns: dict, *sections: str) -> list[str]:
     "Delete from the namespace `ns` (a notebook's `globals()`) every name that is a knob of `sections`; returns them."
-    import inspect
     gone = [k for k in knob_names(*sections) if k in ns]
     code = [k for k in gone if inspect.isroutine(ns[k]) or inspect.isclass(ns[k]) or inspect.ismodule(ns[k])]
     if code: raise ValueError(f"knob(s) {code} share their name with code in this notebook; rename the code (papermill would overwrite it)")
@@ -430,7 +435,6 @@ def _torch_signature(path: Path) -> str | None:
 
 def _zip_damaged(path: Path) -> bool:
     "Does a zip file fail its own CRC-32 checks (bytes changed since `torch.save` wrote it)?"
-    import zipfile
     try:
         with zipfile.ZipFile(path) as z: return z.testzip() is not None
     except Exception: return True
@@ -440,13 +444,14 @@ def _why(e: BaseException) -> str:
     msg = ' '.join(str(e).split('.')[0].split())
     return msg if msg and isinstance(e, (RuntimeError, OSError, EOFError)) else f'{type(e).__name__} {msg}'.strip()
 
+# %% ../nbs/00_core.ipynb #71e9f65c
 def torch_load(path: str | Path, what: str = 'checkpoint', verify: bool = True, pickled: str = 'refuse'):
     """`torch.load(path, weights_only=True)`; `CorruptFileError` for a truncated/corrupt file or a `payload_sha256` that
     does not match the content. A file that does not start like a torch file is never handed to torch (whose errors on
     garbage vary: index, key, decode, struct errors): it is 'not a torch file'. A torch file that really holds pickled
     classes is refused with a `ValueError` (`pickled='refuse'`), or raises `pickle.UnpicklingError` for the caller to
     decide whether to trust it (`'raise'`)."""
-    import pickle, torch
+    import torch
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such {what} file")
     bad = lambda why: CorruptFileError(f"{path} is not a readable {what} (truncated or corrupt): {why}; copy it again or use another file")
@@ -510,6 +515,7 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, init_scale=init_scale, enabled=self.scaler)
     def record(self) -> dict: return dict(precision=self.asked, precision_used=self.label)
 
+# %% ../nbs/00_core.ipynb #b2baacd3
 def _native_bf16(device) -> bool:
     import torch
     return torch.cuda.get_device_capability(device)[0] >= 8
@@ -534,8 +540,6 @@ def resolve_precision(precision: str = 'fp32', device=None, cpu: bool = False) -
     return P(None, False, 'fp32' if precision in ('fp32', 'auto') else f'fp32 ({precision} asked; CPUs run fp32)')
 
 # %% ../nbs/00_core.ipynb #2b6691fd
-import re as _re
-
 def parse_duration(text, what: str = 'time_budget') -> float | None:
     "Seconds in `text` ('11h30m', '90m', '20s', '1.5h', '45'); None for None/''/'none'. A bad string is a one-line ValueError."
     if text is None or (isinstance(text, str) and text.strip().lower() in ('', 'none', 'null')): return None
@@ -549,18 +553,16 @@ def parse_duration(text, what: str = 'time_budget') -> float | None:
             if secs > 0: return secs
     raise ValueError(f"{what} {text!r}: not a duration; write e.g. 11h30m, 90m, 20s or a number of seconds")
 
+# %% ../nbs/00_core.ipynb #40f2ca69
 class TimeBudget:
     "The clock of a `time_budget`: `should_stop()` once the next step plus a checkpoint might not fit any more."
     def __init__(self, budget=None, start: float | None = None, what: str = 'time_budget'):
-        import time
         self.text, self.seconds = budget, parse_duration(budget, what)
         env = os.environ.get('CXR_PGGAN_SESSION_START')
         self.start = float(start if start is not None else (env if env else time.time()))
         self.longest_step, self.reserve = 0.0, 0.0
     def __bool__(self): return self.seconds is not None
-    def elapsed(self) -> float:
-        import time
-        return time.time() - self.start
+    def elapsed(self) -> float: return time.time() - self.start
     def left(self) -> float: return float('inf') if self.seconds is None else self.seconds - self.elapsed()
     def step_took(self, seconds: float): self.longest_step = max(self.longest_step, float(seconds))
     def save_took(self, seconds: float): self.reserve = max(self.reserve, float(seconds))
@@ -579,6 +581,7 @@ def dir_bytes(root: str | Path) -> int:
             except OSError: pass
     return total
 
+# %% ../nbs/00_core.ipynb #83a20327
 def enforce_size_cap(root: str | Path, cap_gib: float | None, candidates, writer: str, keep: int = 1, log=print) -> list[Path]:
     """Delete `candidates` (oldest first; never the newest `keep`) while `root` holds more than `cap_gib` GiB. Only files
     in a folder marked as `writer`'s (`claim_folder`) and not recorded there as foreign are deleted, with their
@@ -629,8 +632,6 @@ def progress(it=None, **kw):
     return tqdm(it, **kw)
 
 # %% ../nbs/00_core.ipynb #5ba17156
-import argparse
-
 class CLIParser(argparse.ArgumentParser):
     "argparse, but a usage error is one line (`prog: message (see prog --help)`) and exit status 2."
     def error(self, message):
@@ -676,7 +677,6 @@ def parse_sets(items, option: str = '--set') -> dict:
 # %% ../nbs/00_core.ipynb #e3dec07e
 def one_line(e: BaseException) -> str:
     "A user-facing one-line text of an exception (the original error of a DataLoader worker; the file of an OSError)."
-    import errno
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if 'Original Traceback' in msg:                      # re-raised from a DataLoader worker: keep the worker's last line
         last = [l for l in msg.splitlines() if l.strip()][-1]

@@ -7,12 +7,18 @@ from __future__ import annotations
 import argparse, contextlib, io, json, os, re, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import (CLIParser, atomic_path, atomic_write, data_dir, file_sha256, outputs_dir, progress, register_profile, write_bench_json,
-                            profile_params, write_provenance, seed_everything, shared_dir)
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, claim_folder, data_dir, file_sha256, outputs_dir,
+                            progress, register_profile, write_bench_json, profile_params, write_provenance, seed_everything, shared_dir)
+# Imported where used: matplotlib/seaborn (figures), torchxrayvision (its bundled table), and the two that cost seconds on
+# import although one function each needs them, since every module imports `data`: torchvision's transforms (about 2 s,
+# `paper_augment`) and iterative-stratification (about 1 s with scikit-learn, `patient_split`).
 
 # %% auto #0
 __all__ = ['FINDINGS', 'LABELS', 'DISPLAY_NAMES', 'REQUIRED_COLUMNS', 'MIN_IMAGE_SIDE', 'MAX_UPSAMPLE', 'OFFICIAL_LISTS',
-           'SPLIT_COLUMNS', 'MetadataError', 'default_metadata_path', 'parse_labels', 'load_metadata', 'label_matrix',
+           'SPLIT_COLUMNS', 'MetadataError', 'default_metadata_path', 'parse_labels', 'label_matrix', 'load_metadata',
            'MissingImagesError', 'index_images', 'find_images', 'metadata_in', 'load_folder', 'ImageDecodeError',
            'ImageTooSmallError', 'read_image', 'paper_augment', 'CXRDataset', 'image_sizes', 'check_image_sizes',
            'valid_fractions', 'patient_counts', 'refine_split', 'patient_split', 'split_report', 'max_prevalence_drift',
@@ -75,11 +81,14 @@ def parse_labels(finding_labels: pd.Series, path='<metadata>') -> np.ndarray:
     for u, vec in rows.items(): Y[codes == u] = vec
     return Y
 
+# %% ../nbs/01_data.ipynb #e820ab07
+def label_matrix(df: pd.DataFrame) -> np.ndarray:
+    "The (N, 15) uint8 label matrix of a canonical frame."
+    return df[LABELS].to_numpy(np.uint8)
+
 # %% ../nbs/01_data.ipynb #b3d5483d
-def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
-    "Read any NIH metadata variant (2017, v2020, Kaggle sample) into the canonical frame; default: the real v2020 table."
-    path = Path(path) if path is not None else default_metadata_path()
-    if not path.is_file(): raise MetadataError(f"metadata file {path} does not exist; pass the path of a Data_Entry_2017*.csv")
+def _read_metadata_csv(path: Path) -> pd.DataFrame:
+    "The table of a metadata CSV: the 2017 trailing-comma column dropped, names stripped, `Patient Gender` read as `Patient Sex`, every required column there."
     try: df = pd.read_csv(path, dtype={'Image Index': str, 'Finding Labels': str, 'View Position': str}, low_memory=False)
     except pd.errors.EmptyDataError: raise MetadataError(f"{path}: the file is empty; give the NIH Data_Entry CSV (a header line and one row per image)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
@@ -94,6 +103,14 @@ def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
         elif len(df.columns) == 1 and '\t' in str(df.columns[0]): hint = "; the file is separated by tabs — save it with commas"
         raise MetadataError(f"{path}: missing column(s) {missing}{hint}; found {[str(c)[:40] for c in df.columns[:8]]}. "
                             "Give the NIH ChestX-ray14 Data_Entry CSV or a CSV with these columns.")
+    return df
+
+# %% ../nbs/01_data.ipynb #3ce27290
+def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
+    "Read any NIH metadata variant (2017, v2020, Kaggle sample) into the canonical frame; default: the real v2020 table."
+    path = Path(path) if path is not None else default_metadata_path()
+    if not path.is_file(): raise MetadataError(f"metadata file {path} does not exist; pass the path of a Data_Entry_2017*.csv")
+    df = _read_metadata_csv(path)
     if df['Image Index'].isna().any():
         raise MetadataError(f"{path}: row {int(np.flatnonzero(df['Image Index'].isna())[0])} has an empty 'Image Index'")
     dup = df['Image Index'].duplicated()
@@ -119,11 +136,6 @@ def load_metadata(path: str | Path | None = None) -> pd.DataFrame:
     df = pd.concat([df.drop(columns=[c for c in LABELS if c in df.columns]), lab], axis=1)
     df.attrs['source'] = str(path)
     return df
-
-# %% ../nbs/01_data.ipynb #e820ab07
-def label_matrix(df: pd.DataFrame) -> np.ndarray:
-    "The (N, 15) uint8 label matrix of a canonical frame."
-    return df[LABELS].to_numpy(np.uint8)
 
 # %% ../nbs/01_data.ipynb #041d613a
 class MissingImagesError(FileNotFoundError):
@@ -184,6 +196,7 @@ def load_folder(folder: str | Path, metadata: str | Path | None = None, on_missi
 class ImageDecodeError(OSError):
     "An image file that cannot be decoded (truncated, corrupt, not an image)."
 
+# %% ../nbs/01_data.ipynb #e4463c9b
 class ImageTooSmallError(ValueError):
     "An image too small to be a radiograph (fewer than `MIN_IMAGE_SIDE` pixels on a side)."
 
@@ -206,10 +219,10 @@ def _too_small(path, size) -> str:
     return (f"{path}: a {size[0]}×{size[1]} image, smaller than {MIN_IMAGE_SIDE} px on a side, is not a usable radiograph; "
             "remove it from the image set (or replace it with the real image)")
 
+# %% ../nbs/01_data.ipynb #d842087f
 def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
     """Decode an image file to float32 in [0, 1]: (H, W) grey, or (H, W, 3) for a colour file with `keep_rgb`. An image
     smaller than `MIN_IMAGE_SIDE` px on a side is refused (`ImageTooSmallError`, naming the file)."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
@@ -231,9 +244,6 @@ def read_image(path: str | Path, keep_rgb: bool = False) -> np.ndarray:
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt — re-download or remove it") from e
 
 # %% ../nbs/01_data.ipynb #4a773bf3
-import torch
-from torch.utils.data import Dataset
-
 def paper_augment():
     "The paper's classifier augmentations: ±10° rotation, horizontal flip p=0.5, brightness/contrast jitter 0.1."
     from torchvision.transforms import v2
@@ -267,7 +277,6 @@ class CXRDataset(Dataset):
 # %% ../nbs/01_data.ipynb #cf5a81b7
 def image_sizes(paths) -> list[tuple[int, int]]:
     "(width, height) of each image file, read from its header only (nothing is decoded)."
-    from PIL import Image
     out = []
     for p in progress(paths, desc='image sizes', unit='img', disable=len(paths) < 2000 or None):
         try:
@@ -277,6 +286,7 @@ def image_sizes(paths) -> list[tuple[int, int]]:
             raise ImageDecodeError(f"{p}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt — re-download or remove it") from e
     return out
 
+# %% ../nbs/01_data.ipynb #cd0fcedf
 def check_image_sizes(paths, resolution: int, what: str = 'the image set') -> list[str]:
     """Refuse (`ImageTooSmallError`, naming them) images smaller than `MIN_IMAGE_SIDE` px on a side; warn once, naming
     them, about images upsampled more than `MAX_UPSAMPLE`× to `resolution`². Returns the names of the upsampled ones."""
@@ -398,6 +408,7 @@ def read_image_list(path: str | Path) -> list[str]:
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such list file; the official split needs NIH's {' and '.join(OFFICIAL_LISTS)} (they come with the images)")
     return [l.strip() for l in path.read_text().splitlines() if l.strip()]
 
+# %% ../nbs/01_data.ipynb #3515ced3
 def official_lists(folder: str | Path) -> tuple[Path, Path]:
     "`(train_val_list.txt, test_list.txt)` in `folder` (an error naming the missing one)."
     folder = Path(folder)
@@ -407,6 +418,7 @@ def official_lists(folder: str | Path) -> tuple[Path, Path]:
                                     "metadata (they come with the images), or use split='random'")
     return folder / OFFICIAL_LISTS[0], folder / OFFICIAL_LISTS[1]
 
+# %% ../nbs/01_data.ipynb #230d1b6d
 def official_split(df: pd.DataFrame, train_val_list, test_list, fractions=(0.7, 0.1, 0.2), seed: int = 0,
                    labels=LABELS) -> pd.Series:
     "Split name per image: 'test' from `test_list`, `train_val_list` split by patient into 'train'/'val' (stratified)."
@@ -516,7 +528,6 @@ def split_cli(argv: list[str]) -> int:
     ap.add_argument('--official', nargs='?', const='', metavar='DIR', help="NIH's official split: test_list.txt is the test set, "
                     "train_val_list.txt is split into train/val by patient; the lists are read from DIR (default: the folder of --metadata)")
     a = ap.parse_args(argv)
-    from cxr_pggan.core import claim_folder, check_all_writable
     if a.halves and a.fractions is not None:
         raise ValueError(f"--halves and --fractions {' '.join(map(str, a.fractions))}: --halves makes two 50/50 halves; give one of the two options")
     a.fractions = a.fractions or [0.7, 0.1, 0.2]

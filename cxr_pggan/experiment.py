@@ -4,12 +4,13 @@
 
 # %% ../nbs/02a_experiment.ipynb #046803f8
 from __future__ import annotations
-import json
+import hashlib, json, os
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
-import os
+from . import data as D
 from .core import data_dir, file_sha256, kaggle_dirs, on_kaggle, outputs_dir, register_profile
+from .phantom import ensure_phantom
 
 # %% auto #0
 __all__ = ['ARTIFACTS', 'Dataset', 'find_kaggle_nih', 'resolve_dataset', 'artifact', 'find_artifact', 'splits_name',
@@ -69,35 +70,16 @@ def _kaggle_nih() -> Path:
                                          "(KAGGLE_KERNEL_RUN_TYPE is not set); give the NIH folder instead (CLI --data DIR, papermill -p dataset DIR)")
     return find_kaggle_nih()
 
-def resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
-    """The dataset of the knobs `P` (the `dataset` section). `images=True`: images are required;
-    `None`: used when present; `False`: metadata only."""
-    split = P.get('split') or 'random'
-    if split not in ('random', 'official'): raise ValueError(f"split {split!r}: choose 'random' (stratified by patient) or 'official' (NIH's test_list.txt)")
-    ds = _resolve_dataset(P, images)
-    ds.split = split
-    return ds
+# %% ../nbs/02a_experiment.ipynb #3600505d
+def _phantom_dataset(P: dict, images: bool | None) -> Dataset:
+    "The embedded phantom of the knobs `P`, rendered on first use and cached."
+    folder = ensure_phantom(P['phantom_n'], P['phantom_size'], P['phantom_seed'], enrich=P['phantom_enrich'] or 0.0)
+    meta = Path(P['metadata']) if P.get('metadata') else D.metadata_in(folder)
+    df = D.load_folder(folder, meta) if images is not False else D.load_metadata(meta)
+    return Dataset('phantom', 'phantom', folder if images is not False else None, meta, df)
 
-def _resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
-    from cxr_pggan import data as D
-    kind = P['dataset']
-    nih_local = data_dir('nih', create=False)
-    if kind == 'kaggle' or (kind == 'nih' and on_kaggle() and not (nih_local / 'images').is_dir() and not any(nih_local.glob('images_*'))):
-        try: folder = _kaggle_nih()
-        except (ValueError, FileNotFoundError):
-            if kind == 'kaggle': raise                          # 'nih' on Kaggle without an attached copy: as elsewhere
-        else:
-            ds = _resolve_dataset(dict(P, dataset=str(folder)), images)
-            ds.kind, ds.name = 'nih', 'nih'
-            return ds
-    if kind == 'phantom':
-        from cxr_pggan.phantom import ensure_phantom
-        folder = ensure_phantom(P['phantom_n'], P['phantom_size'], P['phantom_seed'], enrich=P['phantom_enrich'] or 0.0)
-        meta = Path(P['metadata']) if P.get('metadata') else D.metadata_in(folder)
-        df = D.load_folder(folder, meta) if images is not False else D.load_metadata(meta)
-        return Dataset('phantom', 'phantom', folder if images is not False else None, meta, df)
-    if not isinstance(kind, (str, Path)) or not str(kind):
-        raise ValueError(f"dataset must be 'phantom', 'nih' or the path of a folder in the NIH layout, not {kind!r}")
+def _folder_dataset(P: dict, kind, images: bool | None) -> Dataset:
+    "NIH (`kind='nih'`: `data/nih`, or the real metadata alone when it holds no images) or any folder in the NIH layout."
     name, folder = ('nih', data_dir('nih', create=False)) if kind == 'nih' else (Path(str(kind)).name, _folder(str(kind)))
     if kind != 'nih' and not folder.is_dir():
         raise FileNotFoundError(f"dataset={kind!r}: no such folder (looked in {Path.cwd()} and {data_dir(create=False)}); "
@@ -114,6 +96,32 @@ def _resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
         return Dataset(kind if kind == 'nih' else 'folder', name, None, Path(meta), D.load_metadata(meta))
     df = D.load_folder(folder, meta, on_missing='drop')
     return Dataset('nih' if kind == 'nih' else 'folder', name, folder, Path(meta), df)
+
+# %% ../nbs/02a_experiment.ipynb #bd8e529a
+def _resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
+    kind = P['dataset']
+    nih_local = data_dir('nih', create=False)
+    if kind == 'kaggle' or (kind == 'nih' and on_kaggle() and not (nih_local / 'images').is_dir() and not any(nih_local.glob('images_*'))):
+        try: folder = _kaggle_nih()
+        except (ValueError, FileNotFoundError):
+            if kind == 'kaggle': raise                          # 'nih' on Kaggle without an attached copy: as elsewhere
+        else:
+            ds = _resolve_dataset(dict(P, dataset=str(folder)), images)
+            ds.kind, ds.name = 'nih', 'nih'
+            return ds
+    if kind == 'phantom': return _phantom_dataset(P, images)
+    if not isinstance(kind, (str, Path)) or not str(kind):
+        raise ValueError(f"dataset must be 'phantom', 'nih' or the path of a folder in the NIH layout, not {kind!r}")
+    return _folder_dataset(P, kind, images)
+
+def resolve_dataset(P: dict, images: bool | None = True) -> Dataset:
+    """The dataset of the knobs `P` (the `dataset` section). `images=True`: images are required;
+    `None`: used when present; `False`: metadata only."""
+    split = P.get('split') or 'random'
+    if split not in ('random', 'official'): raise ValueError(f"split {split!r}: choose 'random' (stratified by patient) or 'official' (NIH's test_list.txt)")
+    ds = _resolve_dataset(P, images)
+    ds.split = split
+    return ds
 
 # %% ../nbs/02a_experiment.ipynb #b806bf3b
 ARTIFACTS: dict[str, tuple[str, str, str | None]] = {
@@ -162,6 +170,13 @@ def find_artifact(value, kind: str, profile: str, required: bool = True, name: s
     raise FileNotFoundError(f"{kind} {value!r}: no such file or folder (looked in {Path.cwd()} and {outputs_dir(create=False)})")
 
 # %% ../nbs/02a_experiment.ipynb #ab74d0bf
+def splits_name(ds: Dataset) -> str:
+    """The name of `ds`'s shared splits artifact: 'phantom' and 'nih' as they are; a folder's name plus a short hash of its
+    resolved metadata path (`cohort-1a2b3c4d`), so two folders of one name never share, and overwrite, one splits file."""
+    if ds.kind in ('phantom', 'nih'): return ds.name
+    return f"{ds.name}-{hashlib.sha256(str(Path(ds.metadata).resolve()).encode()).hexdigest()[:8]}"
+
+# %% ../nbs/02a_experiment.ipynb #94a3565c
 def _splits_fit(path: Path, ds: Dataset, fractions, seed: int, split: str = 'random') -> bool:
     prov = path.with_name(path.name + '.provenance.json')
     if not (path.is_file() and prov.is_file()): return False
@@ -174,19 +189,11 @@ def _splits_fit(path: Path, ds: Dataset, fractions, seed: int, split: str = 'ran
     names = pd.read_csv(path, usecols=['Image Index'], dtype=str)['Image Index']
     return bool(ds.frame['Image Index'].isin(set(names)).all())
 
-def splits_name(ds: Dataset) -> str:
-    """The name of `ds`'s shared splits artifact: 'phantom' and 'nih' as they are; a folder's name plus a short hash of its
-    resolved metadata path (`cohort-1a2b3c4d`), so two folders of one name never share, and overwrite, one splits file."""
-    import hashlib
-    if ds.kind in ('phantom', 'nih'): return ds.name
-    return f"{ds.name}-{hashlib.sha256(str(Path(ds.metadata).resolve()).encode()).hexdigest()[:8]}"
-
 def dataset_splits(ds: Dataset, profile: str, fractions=(0.7, 0.1, 0.2), seed: int = 0, split: str | None = None) -> tuple[pd.DataFrame, Path]:
     """`(frame with a 'split' column, splits.csv)` of `ds`: the `splits` artifact when it fits, else made (and written) now.
     The split is always made on every row of the metadata file, also when some images are missing, so a notebook that
     reads only the metadata and one that reads the images agree on every patient's split. `split` ('random' |
     'official'; default: the dataset's `split` knob): 'official' takes NIH's lists from beside the metadata."""
-    from cxr_pggan import data as D
     split = split or ds.split
     path = artifact('splits', profile, splits_name(ds))
     if not _splits_fit(path, ds, fractions, seed, split):

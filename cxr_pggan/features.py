@@ -4,12 +4,22 @@
 
 # %% ../nbs/07a_features.ipynb #91c3b2a9
 from __future__ import annotations
-import argparse, contextlib, functools, json, os, sys, threading, time, warnings
+import argparse, contextlib, functools, hashlib, json, os, shutil, subprocess, sys, tempfile, threading, time, warnings
+from collections import Counter
 from pathlib import Path
-import numpy as np
+import numpy as np, pandas as pd
+import scipy.linalg, scipy.linalg.blas, scipy.linalg.lapack     # every BLAS loaded, so `--blas-threads` limits them all
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import CLIParser, atomic_path, cap_workers, device_info, file_sha256, progress, torch_load, write_provenance
-from .data import read_image
+import torchvision
+import pytorch_fid, pytorch_fid.inception as pfi
+from PIL import Image
+from threadpoolctl import threadpool_limits
+from . import __version__
+from .classifier import load_classifier
+from .core import BENCH_KIND, CLIParser, atomic_path, cap_workers, device_info, file_sha256, progress, torch_load, write_bench_json, write_provenance
+from .data import find_images, index_images, read_image
+from .metrics import FIDStats, bench_pairwise, frechet_distance
+from .pggan import as_image_generator, sample_images
 
 # %% auto #0
 __all__ = ['FID_WEIGHTS_FILE', 'FID_WEIGHTS_SHA256_PREFIX', 'WEIGHTS_ENV', 'RANDOM_WEIGHTS_LABEL', 'INCEPTION_CONVENTION',
@@ -34,7 +44,7 @@ def hub_weights_path() -> Path:
 
 # %% ../nbs/07a_features.ipynb #d10423ba
 def missing_weights_message() -> str:
-    import pytorch_fid.inception as pfi
+    "What to do when no FID Inception weights file is found (where it goes, and the random-weights switch for tests)."
     return (f"No FID Inception weights found. A real FID needs pytorch-fid's file {FID_WEIGHTS_FILE} "
             f"(from {pfi.FID_WEIGHTS_URL}); this package never downloads it. Put it at {hub_weights_path()} "
             f"(the torch hub cache, $TORCH_HOME/hub/checkpoints/), or set {WEIGHTS_ENV}=/path/to/{FID_WEIGHTS_FILE}, "
@@ -62,7 +72,7 @@ _LOADER_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _offline_loader(state_dict: dict):
-    import pytorch_fid.inception as pfi
+    "Inside the block pytorch-fid's download function returns `state_dict` (and refuses any other URL)."
     def _load(url, *args, **kwargs):
         if url != pfi.FID_WEIGHTS_URL: raise RuntimeError(f"pytorch-fid asked to download {url}; cxr_pggan never downloads weights")
         return state_dict
@@ -72,10 +82,10 @@ def _offline_loader(state_dict: dict):
         try: yield
         finally: pfi.load_state_dict_from_url = old
 
+# %% ../nbs/07a_features.ipynb #59c06f0a
 def random_inception_state_dict(seed: int = 0) -> dict:
     """Seeded random weights with the keys and shapes of the FID Inception (torchvision's layout, 1008 classes):
     He-normal convolutions and unit batch-norm, so features stay O(1). For tests and demos only."""
-    import torchvision
     net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -88,7 +98,7 @@ def random_inception_state_dict(seed: int = 0) -> dict:
     return sd
 
 def _state_dict_sha256(sd: dict) -> str:
-    import hashlib
+    "sha256 of a state dict's keys and tensor bytes, in key order (the identity of random weights)."
     h = hashlib.sha256()
     for k in sorted(sd):
         h.update(k.encode()); h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
@@ -123,7 +133,6 @@ def fid_inception(weights: str | Path | None = None, allow_random_weights: bool 
                   device: str | torch.device | None = None) -> FIDInception:
     """pytorch-fid's FID Inception with weights loaded offline (see `find_inception_weights`).
     No weights file: raises, unless `allow_random_weights` (then seeded random weights, labelled as such)."""
-    import pytorch_fid, pytorch_fid.inception as pfi
     found = find_inception_weights(weights)
     if found is not None:
         path, source = found
@@ -148,9 +157,7 @@ def fid_inception(weights: str | Path | None = None, allow_random_weights: bool 
     m = FIDInception(net, meta)
     return m.to(device) if device is not None else m
 
-def _version() -> str:
-    from cxr_pggan import __version__
-    return __version__
+def _version() -> str: return __version__
 
 # %% ../nbs/07a_features.ipynb #f3f7efba
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.pgm', '.ppm', '.tif', '.tiff', '.webp')
@@ -243,8 +250,8 @@ def default_device() -> torch.device:
 # %% ../nbs/07a_features.ipynb #c8a101c4
 def extract_features(paths, extractor: nn.Module, batch_size: int = 50, num_workers: int | None = None,
                      device=None, cache: str | Path | FeatureCache | None = None, desc: str = 'features') -> np.ndarray:
-    """(N, D) float32 features of the image files `paths` (in order), read by a parallel DataLoader;
-    with `cache`, only images not in it are computed (and the cache is saved)."""
+    """(N, D) float32 features of the image files `paths` (in order), read by a DataLoader (by default in the main process
+    below 64 images to compute, else by up to 8 workers); with `cache`, only images not in it are computed (and the cache is saved)."""
     paths = [str(p) for p in paths]
     if not paths: raise ValueError("extract_features: no image paths given")
     device = torch.device(device) if device is not None else default_device()
@@ -306,9 +313,6 @@ def classifier_features(model: nn.Module | str | Path, weights_path: str | Path 
     if isinstance(model, (str, Path)):
         weights_path = Path(model)
         if not weights_path.is_file(): raise FileNotFoundError(f"classifier checkpoint {weights_path} does not exist; train one with notebook 07 (classifier) or give its path")
-        try: from cxr_pggan.classifier import load_classifier
-        except ImportError as e:
-            raise ImportError(f"features='classifier:{weights_path}' needs cxr_pggan.classifier.load_classifier, which is not available ({e})") from e
         model = load_classifier(weights_path)
     for a in ('embed', 'input_size'):
         if not hasattr(model, a): raise TypeError(f"classifier {type(model).__name__} lacks .{a}; FID_CXR needs .embed(x)->(N,1024) and .input_size")
@@ -348,7 +352,6 @@ SPLIT_FILE_COLUMNS = {'Image Index', 'Patient ID', 'split'}
 
 def split_names(splits: str | Path, split: str) -> set[str]:
     "The `Image Index` names of split `split` in a `splits.csv` (from `cxr-pggan split` or notebook 01)."
-    import pandas as pd
     p = Path(splits)
     if not p.is_file(): raise FileNotFoundError(f"--splits {p}: no such file (make one with `cxr-pggan split`, or use outputs/splits/<dataset>_<profile>/splits.csv)")
     df = pd.read_csv(p, dtype={'Image Index': str, 'split': str})
@@ -359,14 +362,13 @@ def split_names(splits: str | Path, split: str) -> set[str]:
 # %% ../nbs/07a_features.ipynb #b98fbf83
 def image_paths(source: str | Path, n: int | None = None, seed: int = 0, split: str | None = None,
                 splits: str | Path | None = None, on_missing: str = 'raise') -> list[str]:
-    """Image files of a folder or CSV `source` (sorted); `split` of the `splits` CSV only; with `n`, a seeded random subset
-    of `n` of them (kept in order). `on_missing='drop'`: images a metadata CSV lists but that are absent are left out."""
-    import pandas as pd
+    """Image files of a folder `source` (sorted by name) or a CSV `source` (in the CSV's order); `split` of the `splits` CSV
+    only; with `n`, a seeded random subset of `n` of them (kept in order). `on_missing='drop'`: images a metadata CSV lists
+    but that are absent are left out."""
     p = Path(source).expanduser()
     if p.is_dir():
         files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            from cxr_pggan.data import index_images
             files = sorted(str(v) for v in index_images(p).values())
         if not files: raise FileNotFoundError(f"{p}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder, images/ or images_0XX/images/")
     elif p.is_file() and p.suffix.lower() == '.csv':
@@ -377,7 +379,6 @@ def image_paths(source: str | Path, n: int | None = None, seed: int = 0, split: 
             raise ValueError(f"{p} is a splits file, not a set of images: give the image folder as the set and this file as "
                              f"--splits {p} --split NAME (NAME one of {sorted(set(df['split'].astype(str)))})")
         elif 'Image Index' in df.columns:
-            from cxr_pggan.data import find_images
             files = find_images(df, p.parent, on_missing=on_missing)['path'].tolist()
         else: raise KeyError(f"{p}: the CSV needs a 'path' column or an 'Image Index' column (NIH metadata); it has {list(df.columns)[:8]}")
         gone = [f for f in files if not Path(f).is_file()]
@@ -399,9 +400,7 @@ def image_paths(source: str | Path, n: int | None = None, seed: int = 0, split: 
 
 # %% ../nbs/07a_features.ipynb #643aef38
 def stored_size(paths, k: int = 32) -> tuple[int, int] | None:
-    "The most common (width, height) among the first `k` image files, read from their headers (None when they vary a lot)."
-    from PIL import Image
-    from collections import Counter
+    "The most common (width, height) among the first `k` image files, read from their headers (None when there are none)."
     sizes = Counter()
     for f in list(paths)[:k]:
         with Image.open(f) as im: sizes[im.size] += 1
@@ -412,7 +411,6 @@ def generator_features(checkpoint: str | Path, n: int, extractor: nn.Module, see
                        batch_size: int = 32, device=None, trust_pickle: bool = False, generator=None) -> tuple[np.ndarray, dict]:
     """Features of `n` images sampled from a PGGAN checkpoint (`cxr_pggan.pggan.sample_images`), and what was sampled;
     `generator`, when given, is that checkpoint already loaded (`as_image_generator`)."""
-    from cxr_pggan.pggan import sample_images
     device = torch.device(device) if device is not None else default_device()
     extractor, info, feats = extractor.to(device).eval(), dict(checkpoint=str(checkpoint)), []
     with no_tf32(), torch.inference_mode():
@@ -432,7 +430,6 @@ def image_set(source: str | Path, n: int | None = None, seed: int = 0, split: st
     if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file():
         if n is None: raise ValueError(f"{p} is a generator checkpoint: say how many images to sample with --n N (the paper used 10,000+)")
         if n < min_n: raise ValueError(f"--n {n}: a distance between two sets needs at least {min_n} images per set")
-        from cxr_pggan.pggan import as_image_generator
         IG = as_image_generator(p, trust_pickle=trust_pickle)
         return dict(kind='generator', path=str(p), n=n, resolution=IG.weights['resolution'], generator=IG)
     files = image_paths(p, n, seed, split, splits, on_missing)
@@ -456,7 +453,6 @@ def set_features(source: str | Path | dict, extractor: nn.Module, n: int | None 
 # %% ../nbs/07a_features.ipynb #33d11929
 def synthetic_pngs(folder: str | Path, n: int, size: int = 1024, seed: int = 0, prefix: str = 'img') -> list[Path]:
     "Write `n` grey 8-bit PNGs of smooth random structure plus noise (benchmark input, not a dataset)."
-    from PIL import Image
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed); out = []
     for i in range(n):
@@ -467,8 +463,30 @@ def synthetic_pngs(folder: str | Path, n: int, size: int = 1024, seed: int = 0, 
     return out
 
 # %% ../nbs/07a_features.ipynb #3df8b4b6
+def _bench_halves(images, n: int, size: int, seed: int, work: Path) -> tuple[list[Path], str]:
+    "The two folders the benchmark compares: `n` synthetic `size`² PNGs, or the first `n` images of `images` (linked alternately); and what they are."
+    halves = [work / 'A', work / 'B']
+    if images is None:
+        for k, h in enumerate(halves): synthetic_pngs(h, n // 2, size, seed + k)
+        return halves, f'{n} synthetic {size}² 8-bit grey PNGs in two folders of {n // 2}'
+    files = image_paths(images)[:n]
+    for k, h in enumerate(halves):
+        h.mkdir()
+        for f in files[k::2]: os.symlink(Path(f).resolve(), h / Path(f).name)
+    return halves, f'{len(files)} images from {images} split alternately into two folders'
+
+def _bench_ours(halves, ext, batch_size: int, workers: int, device) -> tuple[list[FIDStats], dict]:
+    "Our statistics of each folder, and the images, seconds and images/s it took."
+    ours, t_ours, n_img = [], 0.0, 0
+    for h in halves:
+        fs = image_paths(h); t0 = time.perf_counter()
+        st = FIDStats.from_features(extract_features(fs, ext, batch_size, workers, device, desc=f'ours {h.name}'), ext.meta)
+        t_ours += time.perf_counter() - t0; n_img += len(fs); ours.append(st)
+    return ours, dict(images=n_img, seconds=round(t_ours, 3), images_per_s=round(n_img / t_ours, 2))
+
+# %% ../nbs/07a_features.ipynb #0f9feb34
 def _pytorch_fid_stats(folder, out_npz, torch_home, device, batch_size, workers) -> float:
-    import subprocess
+    "Seconds `python -m pytorch_fid --save-stats` takes on `folder`, reading its weights from `torch_home`."
     env = dict(os.environ, TORCH_HOME=str(torch_home))
     cmd = [sys.executable, '-m', 'pytorch_fid', '--save-stats', str(folder), str(out_npz), '--device', str(device),
            '--batch-size', str(batch_size), '--num-workers', str(workers)]
@@ -478,13 +496,29 @@ def _pytorch_fid_stats(folder, out_npz, torch_home, device, batch_size, workers)
     if r.returncode: raise RuntimeError(f"pytorch-fid failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     return dt
 
+def _bench_pytorch_fid(halves, ext, work: Path, device, batch_size: int, workers: int, seed: int, n_img: int) -> tuple[list[FIDStats], dict]:
+    "pytorch-fid's own statistics of each folder, with our weights file under a private TORCH_HOME, and its timing."
+    th = work / 'torch_home'; (th / 'hub' / 'checkpoints').mkdir(parents=True)
+    wfile = th / 'hub' / 'checkpoints' / FID_WEIGHTS_FILE
+    if ext.random_weights: torch.save(random_inception_state_dict(seed), wfile)
+    else: os.symlink(Path(ext.meta['weights']).resolve(), wfile)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, '-c', 'import torch, torchvision, pytorch_fid.fid_score'], check=True)
+    t_start = time.perf_counter() - t0
+    theirs, t_theirs = [], 0.0
+    for h in halves:
+        t_theirs += _pytorch_fid_stats(h, work / f'{h.name}.npz', th, device, batch_size, workers)
+        theirs.append(FIDStats.load(work / f'{h.name}.npz'))
+    return theirs, dict(images=n_img, seconds=round(t_theirs, 3), images_per_s=round(n_img / t_theirs, 2),
+                        startup_seconds_per_call=round(t_start, 3),
+                        images_per_s_without_startup=round(n_img / max(t_theirs - 2 * t_start, 1e-9), 2))
+
+# %% ../nbs/07a_features.ipynb #1af63d83
 def bench_fid(images: str | Path | None = None, n: int = 64, size: int = 1024, inception_weights=None, allow_random_weights=False,
               batch_size: int = 50, workers: int | None = None, device=None, classes: int = 15, dim: int = 2048,
               sqrtm_pairs: int = 2, skip_pytorch_fid: bool = False, skip_pairwise: bool = False, seed: int = 0,
               skip_throughput: bool = False) -> dict:
     "Run the FID benchmark (see above) and return its record."
-    import tempfile, shutil
-    from cxr_pggan.metrics import FIDStats, bench_pairwise, frechet_distance
     device = torch.device(device) if device is not None else default_device()
     workers = min(8, len(os.sched_getaffinity(0))) if workers is None else workers
     rec = dict(device=device_info(), torch_device=str(device), batch_size=batch_size, workers=workers,
@@ -494,43 +528,15 @@ def bench_fid(images: str | Path | None = None, n: int = 64, size: int = 1024, i
         return rec
     work = Path(tempfile.mkdtemp(prefix='cxr_pggan_bench_fid_'))
     try:
-        if images is None:
-            halves = [work / 'A', work / 'B']
-            for k, h in enumerate(halves): synthetic_pngs(h, n // 2, size, seed + k)
-            rec['images'] = f'{n} synthetic {size}² 8-bit grey PNGs in two folders of {n // 2}'
-        else:
-            files = image_paths(images)[:n]
-            halves = [work / 'A', work / 'B']
-            for k, h in enumerate(halves):
-                h.mkdir()
-                for f in files[k::2]: os.symlink(Path(f).resolve(), h / Path(f).name)
-            rec['images'] = f'{len(files)} images from {images} split alternately into two folders'
+        halves, rec['images'] = _bench_halves(images, n, size, seed, work)
         t0 = time.perf_counter(); ext = fid_inception(inception_weights, allow_random_weights=allow_random_weights, random_seed=seed)
         rec['weights'] = dict(label=ext.meta['label'], sha256=ext.meta['weights_sha256'], random=ext.random_weights)
         t_build = time.perf_counter() - t0
-        ours, t_ours, n_img = [], 0.0, 0
-        for h in halves:
-            fs = image_paths(h); t0 = time.perf_counter()
-            st = FIDStats.from_features(extract_features(fs, ext, batch_size, workers, device, desc=f'ours {h.name}'), ext.meta)
-            t_ours += time.perf_counter() - t0; n_img += len(fs); ours.append(st)
-        rec['ours'] = dict(images=n_img, seconds=round(t_ours, 3), images_per_s=round(n_img / t_ours, 2), build_seconds=round(t_build, 3))
+        ours, rec['ours'] = _bench_ours(halves, ext, batch_size, workers, device)
+        rec['ours']['build_seconds'] = round(t_build, 3)
         rec['fid_ours'] = frechet_distance(ours[0].mu, ours[0].sigma, ours[1].mu, ours[1].sigma)
         if not skip_pytorch_fid:
-            th = work / 'torch_home'; (th / 'hub' / 'checkpoints').mkdir(parents=True)
-            wfile = th / 'hub' / 'checkpoints' / FID_WEIGHTS_FILE
-            if ext.random_weights: torch.save(random_inception_state_dict(seed), wfile)
-            else: os.symlink(Path(ext.meta['weights']).resolve(), wfile)
-            import subprocess
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, '-c', 'import torch, torchvision, pytorch_fid.fid_score'], check=True)
-            t_start = time.perf_counter() - t0
-            theirs, t_theirs = [], 0.0
-            for h in halves:
-                t_theirs += _pytorch_fid_stats(h, work / f'{h.name}.npz', th, device, batch_size, workers)
-                theirs.append(FIDStats.load(work / f'{h.name}.npz'))
-            rec['pytorch_fid'] = dict(images=n_img, seconds=round(t_theirs, 3), images_per_s=round(n_img / t_theirs, 2),
-                                      startup_seconds_per_call=round(t_start, 3),
-                                      images_per_s_without_startup=round(n_img / max(t_theirs - 2 * t_start, 1e-9), 2))
+            theirs, rec['pytorch_fid'] = _bench_pytorch_fid(halves, ext, work, device, batch_size, workers, seed, rec['ours']['images'])
             rec['speedup'] = round(rec['ours']['images_per_s'] / rec['pytorch_fid']['images_per_s'], 3)
             rec['speedup_without_startup'] = round(rec['ours']['images_per_s'] / rec['pytorch_fid']['images_per_s_without_startup'], 3)
             rec['stats_max_abs_diff'] = dict(mu=float(max(np.abs(o.mu - t.mu).max() for o, t in zip(ours, theirs))),
@@ -559,16 +565,12 @@ def bench_fid_cli(argv: list[str]) -> int:
     ap.add_argument('--json', help='write the record here (plus provenance)')
     a = ap.parse_args(argv)
     ctx = contextlib.nullcontext()
-    if a.blas_threads:
-        import scipy.linalg, scipy.linalg.blas, scipy.linalg.lapack   # load every BLAS before limiting them all
-        from threadpoolctl import threadpool_limits
-        ctx = threadpool_limits(limits=a.blas_threads, user_api='blas')
+    if a.blas_threads: ctx = threadpool_limits(limits=a.blas_threads, user_api='blas')
     try:
         with ctx: rec = bench_fid(a.images, a.n, a.size, a.inception_weights, a.allow_random_weights, a.batch_size, a.workers, a.device,
                         a.classes, a.dim, a.sqrtm_pairs, a.skip_pytorch_fid, a.skip_pairwise, skip_throughput=a.skip_throughput)
     except (FileNotFoundError, RuntimeError) as e:
         print(f'cxr-pggan bench fid: {e}', file=sys.stderr); return 2
-    from cxr_pggan.core import BENCH_KIND, write_bench_json
     write_bench_json(dict(bench='fid', params=vars(a), **rec), a.json)
     if a.json: write_provenance(a.json, params=vars(a), weights={'inception': rec['weights']} if 'weights' in rec else None, kind=BENCH_KIND)
     return 0

@@ -8,11 +8,15 @@ import argparse, json, math, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
+from scipy.stats import mannwhitneyu, wilcoxon
+from .classifier import DenseNetClassifier, DiscriminatorClassifier, classifier_provenance, load_classifier, save_classifier
 from .core import (CLIParser, atomic_path, atomic_write, progress, register_profile, resolve_precision, write_provenance,
                             seed_everything, write_bench_json)
 from .data import LABELS
 from .experiment import artifact, find_artifact
-from .pggan import as_image_generator, sample_z
+from .pggan import Discriminator, Generator, as_image_generator, make_config, sample_z, save_pggan
+from .phantom import measure as measure_phantom
+# matplotlib/seaborn are imported where a figure is drawn
 
 # %% auto #0
 __all__ = ['class_index', 'class_targets', 'LatentResult', 'label_set', 'optimise_class', 'optimise_classes', 'convergence_table',
@@ -77,6 +81,67 @@ def label_set(cls, labels=LABELS) -> list[int]:
     return out
 
 # %% ../nbs/10_class_optimisation.ipynb #34479824
+def _objective(L, c: int, ta, xa, others: list, thr, margin: float):
+    """`(class logit, objective, done)` of the active samples' logits `L`: class `c` must reach its targets `ta`; further
+    targets `xa` ([(j, targets)]) are ascended until reached; the findings `others` are pushed below their thresholds `thr`."""
+    la, obj = L[:, c], L[:, c]
+    done = la.detach() >= ta
+    for j, tj in xa:
+        done &= L[:, j].detach() >= tj
+        obj = obj + torch.where(L[:, j] < tj, L[:, j], L[:, j].detach())     # ascend targets not reached yet
+    if others:
+        lo = L[:, others] - thr[others]
+        done &= (lo.detach() < 0).all(1)
+        obj = obj - F.softplus(lo + margin).sum(1)
+    return la, obj, done
+
+def _step(za, obj, go, gscale: float, normalise: bool, scale: float, lr: float):
+    "The latent step of the samples still going (`go`): the objective's gradient (unscaled), of length `scale` (or times `lr`)."
+    g, = torch.autograd.grad(obj[go].sum() * gscale, za, retain_graph=gscale != 1.0)
+    g = g[go].float() / gscale
+    if gscale != 1.0 and not torch.isfinite(g).all(): g = torch.autograd.grad(obj[go].sum(), za)[0][go].float()
+    if normalise: g = g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    else: g = g * lr
+    return g
+
+# %% ../nbs/10_class_optimisation.ipynb #09858eb1
+def _precision_context(precision: str | None, amp: bool, device) -> tuple:
+    """`(autocast context, gradient scale)`: `precision` (fp32 | bf16 | fp16 | auto, `core.resolve_precision`) overrides `amp`
+    (bf16 autocast); fp16 takes the gradient of a 2^12-scaled objective against underflow (and divides it back)."""
+    if precision is None: return (torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)), 1.0
+    prec = resolve_precision(precision, device)
+    return prec.autocast(), (2.0 ** 12 if prec.scaler else 1.0)
+
+def _optimise_batch(G, clf, zb, tb, xb, c: int, others: list, thr, steps: int, ac, gscale: float, normalise: bool, scale: float,
+                    lr: float, margin: float):
+    """Algorithm 1 on one batch of latents `zb` with targets `tb` (further targets `xb`): only samples still running go through
+    the networks. Returns (final z, last logits, steps taken, converged, starting logits, z-steps)."""
+    n, dev = len(zb), zb.device
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    stepb = torch.zeros(n, dtype=torch.long, device=dev)
+    lb = torch.full((n,), float('nan'), device=dev)
+    okb = torch.zeros(n, dtype=torch.bool, device=dev)
+    l0, zsteps = None, 0
+    for s in range(steps + 1):
+        a = active.nonzero().flatten()
+        if len(a) == 0: break
+        za = zb[a].clone().requires_grad_(s < steps)
+        with torch.set_grad_enabled(s < steps), ac:
+            L = clf(G(za)).float()
+        la, obj, done = _objective(L, c, tb[a], [(j, t[a]) for j, t in xb], others, thr, margin)
+        zsteps += len(a)
+        lb[a] = la.detach()
+        if s == 0: l0 = la.detach().cpu()
+        okb[a[done]] = True
+        active[a[done]] = False
+        if s == steps: break
+        go = ~done
+        if not go.any(): break
+        zb[a[go]] = zb[a[go]] + _step(za, obj, go, gscale, normalise, scale, lr)
+        stepb[a[go]] += 1
+    return zb, lb, stepb, okb, l0, zsteps
+
+# %% ../nbs/10_class_optimisation.ipynb #95fb95c6
 def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = None, steps: int = 100, lr: float = 0.05,
                    batch_size: int = 32, jitter: bool = False, truncation: float = 0.7, normalise: bool = True,
                    targets: torch.Tensor | None = None, seed: int = 0, device=None, amp: bool = False,
@@ -104,52 +169,13 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
     nsteps, conv = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
     scale = lr * math.sqrt(G.latent_dim)
     t0, zsteps = time.perf_counter(), 0
-    # `precision` (fp32 | bf16 | fp16 | auto, `core.resolve_precision`) overrides `amp` (bf16 autocast); fp16 takes the gradient
-    # of a 2^12-scaled objective against underflow and divides it back (retried unscaled if that overflows)
-    if precision is None: ac, gscale = (torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)), 1.0
-    else:
-        prec = resolve_precision(precision, device)
-        ac, gscale = prec.autocast(), (2.0 ** 12 if prec.scaler else 1.0)
+    ac, gscale = _precision_context(precision, amp, device)
     for b0 in progress(range(0, n, batch_size), desc=desc or f'optimise {clf.labels[c]}', unit='batch', leave=False):
         idx = torch.arange(b0, min(b0 + batch_size, n))
-        zb, tb = zc[idx].to(device), tgt[idx].to(device)
-        active = torch.ones(len(idx), dtype=torch.bool, device=device)
-        stepb = torch.zeros(len(idx), dtype=torch.long, device=device)
-        lb = torch.full((len(idx),), float('nan'), device=device)
-        okb = torch.zeros(len(idx), dtype=torch.bool, device=device)
-        xb = [(j, t[idx].to(device)) for j, t in extra]
-        for s in range(steps + 1):
-            a = active.nonzero().flatten()
-            if len(a) == 0: break
-            za = zb[a].clone().requires_grad_(s < steps)
-            with torch.set_grad_enabled(s < steps), ac:
-                L = clf(G(za)).float()
-            la, obj = L[:, c], L[:, c]
-            done = la.detach() >= tb[a]
-            for j, tj in xb:
-                done &= L[:, j].detach() >= tj[a]
-                obj = obj + torch.where(L[:, j] < tj[a], L[:, j], L[:, j].detach())     # ascend targets not reached yet
-            if others:
-                lo = L[:, others] - thr[others]
-                done &= (lo.detach() < 0).all(1)
-                obj = obj - F.softplus(lo + exclusive_margin).sum(1)
-            zsteps += len(a)
-            lb[a] = la.detach()
-            if s == 0: logit0[idx] = la.detach().cpu()
-            okb[a[done]] = True
-            active[a[done]] = False
-            if s == steps: break
-            go = ~done
-            if not go.any(): break
-            g, = torch.autograd.grad(obj[go].sum() * gscale, za, retain_graph=gscale != 1.0)
-            g = g[go].float() / gscale
-            if gscale != 1.0 and not torch.isfinite(g).all(): g = torch.autograd.grad(obj[go].sum(), za)[0][go].float()
-            if normalise: g = g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            else: g = g * lr
-            zb[a[go]] = zb[a[go]] + g
-            stepb[a[go]] += 1
-        zc[idx], logit[idx], nsteps[idx] = zb.cpu(), lb.cpu(), stepb.cpu()
-        conv[idx] = okb.cpu()
+        zb, lb, sb, okb, l0, k = _optimise_batch(G, clf, zc[idx].to(device), tgt[idx].to(device), [(j, t[idx].to(device)) for j, t in extra],
+                                                 c, others, thr, steps, ac, gscale, normalise, scale, lr, exclusive_margin)
+        zc[idx], logit[idx], nsteps[idx], logit0[idx] = zb.cpu(), lb.cpu(), sb.cpu(), l0
+        conv[idx] = okb.cpu(); zsteps += k
     return LatentResult(c, '|'.join(clf.labels[j] for j in cs), z0, zc, logit0, logit, tgt, nsteps, conv, time.perf_counter() - t0, zsteps)
 
 # %% ../nbs/10_class_optimisation.ipynb #c64930e8
@@ -256,10 +282,9 @@ def figure8(G, patients: Patients, path: str | Path, n_patients: int = 4, device
 # %% ../nbs/10_class_optimisation.ipynb #5445fe34
 def phantom_ctr(images: torch.Tensor) -> np.ndarray:
     "Cardiothoracic ratio of each image (N, C, H, W) in [0, 1], measured by `cxr_pggan.phantom.measure` (NaN when it fails)."
-    from cxr_pggan.phantom import measure
     out = []
     for im in (images.float().mean(1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy():   # as a written PNG
-        try: v = measure(im)
+        try: v = measure_phantom(im)
         except Exception: v = float('nan')
         if isinstance(v, dict): v = v.get('ctr', float('nan'))
         out.append(float(v) if v is not None else float('nan'))
@@ -275,7 +300,6 @@ def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, st
     """Measure random samples and class-optimised (converged) samples of G: both distributions, the one-sided
     Mann–Whitney p (optimised > random), the paired one-sided Wilcoxon p (each converged sample after vs before its
     own optimisation, on pairs measurable both times), and the failure rate."""
-    from scipy.stats import mannwhitneyu, wilcoxon
     G = as_image_generator(G); measure = measure or phantom_ctr
     device = torch.device(device or next(clf.parameters()).device)
     G = _frozen(G.to(device))
@@ -302,7 +326,7 @@ def class_verification(G, clf, n: int = 64, cls='Cardiomegaly', measure=None, st
 
 # %% ../nbs/10_class_optimisation.ipynb #3c0224dc
 def verification_figure(v: dict, path: str | Path, what: str = 'cardiothoracic ratio'):
-    "Both distributions (random vs converged class-optimised samples) as overlaid histograms with medians."
+    "Both distributions (random vs converged class-optimised samples) as overlaid histograms; their medians, p and failure rate in the title."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt, seaborn as sns
     df = pd.concat([pd.DataFrame({what: v['values'][k], 'samples': lab}) for k, lab in
@@ -318,8 +342,6 @@ def verification_figure(v: dict, path: str | Path, what: str = 'cardiothoracic r
 # %% ../nbs/10_class_optimisation.ipynb #962b5e51
 def random_networks(folder: str | Path, resolution: int = 32, seed: int = 0) -> tuple[Path, Path]:
     "A random PGGAN checkpoint and a random discriminator-classifier (thresholds = 80th percentile of the logits of G's samples), in `folder`."
-    from cxr_pggan.pggan import make_config, Generator, Discriminator, save_pggan
-    from cxr_pggan.classifier import DiscriminatorClassifier, save_classifier
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     depths = [32, 32, 16, 16, 16, 16][:int(math.log2(resolution)) - 1]
@@ -346,7 +368,6 @@ def resolve_networks(generator, classifier, profile: str, seed: int = 0) -> tupl
 # %% ../nbs/10_class_optimisation.ipynb #3da691bf
 def experiment_networks(P: dict):
     "`(G, clf, weights, inputs)` of an experiment's `generator` and `classifier` knobs (see `resolve_networks`)."
-    from cxr_pggan.classifier import load_classifier, classifier_provenance
     gp, cp, w = resolve_networks(P['generator'], P['classifier'], P['profile'], P['seed'])
     G, clf = as_image_generator(gp), load_classifier(cp)
     return G, clf, w or {'generator': G.weights, **classifier_provenance(cp)}, dict(generator=gp, classifier=cp)
@@ -365,8 +386,6 @@ def bench_latent(resolution: int = 256, classifier_size: int = 224, batch: int =
                  arch: str = 'zoo', channels: int = 1, device=None, amp: bool = False, channels_last: bool = False,
                  warmup: int = 2, seed: int = 0, fmap_max: int = 512) -> dict:
     "Time Algorithm 1 with a random PGGAN G at `resolution` and a random DenseNet-121 at `classifier_size`."
-    from cxr_pggan.pggan import make_config, Generator
-    from cxr_pggan.classifier import DenseNetClassifier
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(seed)
     cfg = make_config(arch, resolution=resolution, channels=channels, latent_dim=512 if resolution >= 256 else 64, fmap_max=fmap_max)

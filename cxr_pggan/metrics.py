@@ -5,13 +5,18 @@
 # %% ../nbs/07b_metrics.ipynb #049d06ac
 from __future__ import annotations
 import json, time, warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
-import numpy as np
+import numpy as np, pandas as pd
 import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
+from scipy.linalg import eigh
+from scipy.linalg.blas import dtrmm
 from .core import atomic_path, progress
+try: from threadpoolctl import threadpool_info         # comes with scikit-learn; only the benchmark's BLAS report uses it
+except ImportError: threadpool_info = None
 
 # %% auto #0
 __all__ = ['METRICS', 'MIN_FID_N', 'FIDStats', 'check_comparable', 'sqrtm_psd', 'psd_factor', 'trace_sqrt_product', 'distance',
@@ -71,7 +76,6 @@ def sqrtm_psd(sigma: np.ndarray, backend: str = 'auto') -> np.ndarray:
         S = _t(sigma); S = (S + S.T) / 2
         w, V = torch.linalg.eigh(S)
         return ((V * w.clamp(min=0).sqrt()) @ V.T).cpu().numpy()
-    from scipy.linalg import eigh
     S = np.asarray(sigma, np.float64); S = (S + S.T) / 2
     w, V = eigh(S, check_finite=False)
     return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
@@ -90,7 +94,6 @@ def psd_factor(sigma: np.ndarray, backend: str = 'auto') -> np.ndarray:
 def _sum_sqrt_eig(M, use_torch: bool) -> float:
     "Σ √λ of a symmetric PSD matrix (eigenvalues only; rounding-noise negatives clipped to 0)."
     if use_torch: return float(torch.linalg.eigvalsh(M).clamp(min=0).sqrt().sum())
-    from scipy.linalg import eigh
     return float(np.sqrt(np.clip(eigh(M, eigvals_only=True, check_finite=False, overwrite_a=True), 0, None)).sum())
 
 def _sandwich(Fm, S, use_torch: bool):
@@ -110,6 +113,7 @@ def distance(v) -> float:
     v = float(v)
     return 0.0 if v <= 0 else v
 
+# %% ../nbs/07b_metrics.ipynb #357d8ac0
 def frechet_distance(mu1, sigma1, mu2, sigma2, backend: str = 'auto') -> float:
     "Exact Fréchet distance of two Gaussians in float64 by the symmetric route (numpy; torch on a GPU when present); never negative."
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
@@ -122,7 +126,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, backend: str = 'auto') -> float:
 # %% ../nbs/07b_metrics.ipynb #5d741cea
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2) -> float:
     "The reference: pytorch-fid's own `calculate_frechet_distance` (`scipy.linalg.sqrtm` of Σ1Σ2), clamped at 0 as ours."
-    from pytorch_fid.fid_score import calculate_frechet_distance
     return distance(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 # %% ../nbs/07b_metrics.ipynb #2694f776
@@ -165,7 +168,6 @@ def frechet_from_factors(a: FIDFactor, b: FIDFactor, backend: str = 'auto') -> f
         tr = _sum_sqrt_eig(M, True)
     else:
         if a.L is not None and b.L is not None:   # both Cholesky: C = L_aᵀ L_b by a triangular product (half the flops)
-            from scipy.linalg.blas import dtrmm
             C = dtrmm(1.0, a.L, b.L, side=0, lower=1, trans_a=1)
         else: C = a.F @ b.F.T
         M = C @ C.T if C.shape[0] <= C.shape[1] else C.T @ C
@@ -182,7 +184,6 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray, backend: str = 'auto') -> 
 def pairwise_fid(groups: dict, backend: str = 'auto', progress_bar: bool = True):
     """Symmetric matrix (DataFrame) of Fréchet distances between named groups, each given as features (N, D) or
     `FIDStats`; each group's factor (Cholesky/Σ^½ or centred features) is computed once and reused for every pair."""
-    import pandas as pd
     names = list(groups)
     facs = {k: fid_factor(stats=v, backend=backend) if isinstance(v, FIDStats) else fid_factor(v, backend=backend)
             for k, v in progress(groups.items(), desc='factors', disable=not progress_bar or None)}
@@ -316,9 +317,7 @@ class FIDResult:
         if self.kid_mean is not None and not np.isnan(self.kid_mean): s += f", KID {self.kid_mean:.5f} ± {self.kid_std:.5f}"
         if self.random_weights or (self.features != 'inception' and self.label): s += f" [{self.label or 'random weights'}]"
         return s
-    def asdict(self) -> dict:
-        from dataclasses import asdict
-        return asdict(self)
+    def asdict(self) -> dict: return asdict(self)
 
 # %% ../nbs/07b_metrics.ipynb #b4eb3b1d
 def warn_small_n(*ns):
@@ -366,10 +365,8 @@ def bench_pairwise(classes: int = 15, dim: int = 2048, sqrtm_pairs: int = 2, see
     ts = [t for _, _, t in before + after]
     rel = [abs(P.iloc[0, k + 1] - ref) / abs(ref) for k, ref, _ in before + after]
     per = float(np.mean(ts)) if ts else float('nan')
-    try:
-        from threadpoolctl import threadpool_info
-        blas = [dict(lib=i.get('internal_api'), threads=i.get('num_threads')) for i in threadpool_info() if i.get('user_api') == 'blas']
-    except ImportError: blas = None
+    blas = None if threadpool_info is None else \
+        [dict(lib=i.get('internal_api'), threads=i.get('num_threads')) for i in threadpool_info() if i.get('user_api') == 'blas']
     return dict(classes=classes, dim=dim, pairs=n_pairs, blas=blas, ours_seconds=round(t_ours, 2),
                 sqrtm_seconds_per_pair=round(per, 2), sqrtm_pairs_timed=len(ts),
                 sqrtm_seconds_all_pairs_extrapolated=round(per * n_pairs, 1),

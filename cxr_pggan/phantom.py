@@ -4,14 +4,17 @@
 
 # %% ../nbs/02_phantom.ipynb #d343d0f9
 from __future__ import annotations
-import argparse, json, math, os, sys, time
+import argparse, json, math, multiprocessing as mp, os, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 from types import SimpleNamespace
 from PIL import Image, ImageDraw, ImageFont, ImageFilter
+from scipy import ndimage as ndi
 
-from .core import CLIParser, atomic_path, atomic_write, check_all_writable, check_writable, claim_folder, data_dir, file_sha256, foreign_files, progress
-from .data import FINDINGS, LABELS, load_metadata, default_metadata_path
+from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_writable, claim_folder, data_dir, file_sha256,
+                            foreign_files, progress, write_bench_json, write_provenance)
+from .data import FINDINGS, LABELS, load_metadata, default_metadata_path, parse_labels
+# matplotlib is imported where the grid is drawn, `resource` (POSIX only) where the benchmark reads CPU times
 
 # %% auto #0
 __all__ = ['CP_EFFUSION_THRESHOLD', 'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'ENRICH_MAX_FOLLOW_UPS',
@@ -25,7 +28,6 @@ _META_CACHE = {}
 
 def _metadata(metadata):
     "The canonical metadata frame: `None` -> the real NIH v2020 table, a path -> `load_metadata(path)`, a DataFrame as is."
-    from cxr_pggan.data import load_metadata, default_metadata_path
     if metadata is None or isinstance(metadata, (str, Path)):
         p = Path(metadata) if metadata is not None else default_metadata_path()
         key = (str(p.resolve()), p.stat().st_mtime_ns if p.is_file() else None)
@@ -75,13 +77,9 @@ def patient_anatomy(seed, pid, age, sex):
     return an
 
 # %% ../nbs/02_phantom.ipynb #dd85686d
-def image_params(seed, row, an, size):
-    "Pose, exposure and finding parameters of one image (pure function of seed and the metadata row)."
-    pid, fu = int(row['Patient ID']), int(row['Follow-up #'])
-    r = np.random.default_rng([int(seed), pid, fu, 2])
-    s = an['s']; ap = row['View Position'] == 'AP'
-    lab = _labels(row['Finding Labels'])
-    p = dict(ap=ap, labels=lab)
+def _pose_exposure(r, ap: bool, s: float) -> dict:
+    "Field of view, magnification, pose, inspiration, window, gamma, noise, heel gradient and marker place of one image."
+    p = {}
     p['fov'] = 40.0 * float(r.uniform(0.95, 1.07))
     p['mag'] = (1.13 if ap else 1.04) * float(r.uniform(0.98, 1.02))
     p['rot'] = float(r.normal(0, 1.6))
@@ -93,13 +91,18 @@ def image_params(seed, row, an, size):
     p['noise'] = float(r.uniform(0.006, 0.016)) * (1.5 if ap else 1.0)
     p['grad'] = float(r.normal(0, 0.04))
     p['mark'] = (float(r.uniform(0.02, 0.12)), float(r.uniform(0.03, 0.15)))
-    # heart: horizontal width from CTR; AP magnifies the (anterior) heart relative to the thorax
+    return p
+
+def _heart_ctr(r, an, lab, ap: bool) -> float:
+    "Cardiothoracic ratio of one image: the patient's normal or enlarged heart (smaller with Emphysema); AP magnifies the heart (×1.075)."
     ctr = an['ctr_big'] if 'Cardiomegaly' in lab else an['ctr0']
     if 'Emphysema' in lab and 'Cardiomegaly' not in lab: ctr = max(0.36, ctr * 0.9)
-    ctr = ctr * (1.075 if ap else 1.0) * float(r.uniform(0.99, 1.01))
-    p['ctr'] = ctr
-    p['mwf'] = 1.15 if ap else 1.0
-    # findings: geometry persistent per patient (rng seeded by patient), severity varies per image
+    return ctr * (1.075 if ap else 1.0) * float(r.uniform(0.99, 1.01))
+
+# %% ../nbs/02_phantom.ipynb #e20ed624
+def _finding_params(seed, pid: int, lab: set, s: float, r) -> dict:
+    """Parameters of each finding of one image, in a fixed order: where it sits is drawn per patient (`fr(finding)`, so it
+    persists across follow-ups), how severe it is per image (`r`)."""
     F = {}
     def fr(k): return np.random.default_rng([int(seed), pid, 100 + FINDINGS.index(k)])
     if 'Effusion' in lab:
@@ -140,7 +143,19 @@ def image_params(seed, row, an, size):
                                                                      apical=bool(g.random() < 0.5))
     if 'Hernia' in lab:
         g = fr('Hernia'); F['Hernia'] = dict(r=float(g.uniform(2.3, 3.6)) * s, dx=float(g.uniform(-0.5, 1.2)) * s, lvl=float(g.uniform(0.2, 0.55)))
-    p['F'] = F
+    return F
+
+# %% ../nbs/02_phantom.ipynb #fa3a99e7
+def image_params(seed, row, an, size):
+    "Pose, exposure and finding parameters of one image (pure function of seed and the metadata row)."
+    pid, fu = int(row['Patient ID']), int(row['Follow-up #'])
+    r = np.random.default_rng([int(seed), pid, fu, 2])          # per image: pose and exposure, heart, severities (in this order)
+    s = an['s']; ap = row['View Position'] == 'AP'
+    lab = _labels(row['Finding Labels'])
+    p = dict(ap=ap, labels=lab, **_pose_exposure(r, ap, s))
+    p['ctr'] = _heart_ctr(r, an, lab, ap)
+    p['mwf'] = 1.15 if ap else 1.0
+    p['F'] = _finding_params(seed, pid, lab, s, r)
     return p
 
 # %% ../nbs/02_phantom.ipynb #d2ce6797
@@ -179,6 +194,7 @@ def _geometry(an, p):
     G['hil'] = {k: (k * (G['mw'] + 1.9 * s) + mshift, -0.8 * s) for k in (-1, 1)}
     return G
 
+# %% ../nbs/02_phantom.ipynb #a150b16e
 def _lung_d(G, sg, X, Y):
     "Approximate signed distance (cm, >0 inside) to the lung on side `sg` (-1 patient right, +1 left); also lateral and apical parts."
     s, tw, xd = G['s'], G['tw'][sg], G['xd'][sg]
@@ -231,6 +247,7 @@ class _Frame:
         if x0 >= x1 or y0 >= y1: return None
         return (slice(y0, y1), slice(x0, x1))
 
+# %% ../nbs/02_phantom.ipynb #2387bae6
 def _vessel_tree(G, an, fr, p):
     "Pulmonary vessel markings: a random branching tree per lung from the hilum, drawn with PIL and softened."
     rng = np.random.default_rng(an['vseed']); s = G['s']
@@ -260,6 +277,7 @@ def _vessel_tree(G, an, fr, p):
     img = img.filter(ImageFilter.GaussianBlur(max(0.5, 0.1 / fr.pix)))
     return np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
 
+# %% ../nbs/02_phantom.ipynb #f4408eb1
 def _noise_field(rng, size, fov, cell_cm):
     "Smooth random field (zero mean, unit-ish sd) with features of about `cell_cm`, upsampled bicubically."
     n = max(3, int(round(fov / cell_cm)) + 3)
@@ -272,6 +290,154 @@ def _seg_dist(X, Y, x0, y0, x1, y1):
     vx, vy = x1 - x0, y1 - y0; L2 = vx * vx + vy * vy
     t = np.clip(((X - x0) * vx + (Y - y0) * vy) / L2, 0, 1)
     return np.hypot(X - x0 - t * vx, Y - y0 - t * vy)
+
+# %% ../nbs/02_phantom.ipynb #e892011b
+def _lungs(G, X, Y, e):
+    "Per side: the lung's air (darker away from the walls), its mask and its signed distances."
+    f32 = np.float32
+    air, lmask, dl = {}, {}, {}
+    for sg in (-1, 1):
+        d, d_lat, d_top = _lung_d(G, sg, X, Y)
+        m = _ramp(d, e); lmask[sg] = m; dl[sg] = (d, d_lat, d_top)
+        air[sg] = m * (f32(0.55) + f32(0.45) * np.clip(np.minimum(d_lat, d_top) * (1 / 3.0), 0, 1))
+    return air, lmask, dl
+
+def _heart(G, X, Y, e):
+    "The heart: a tilted ellipse whose horizontal extent is `ctr × thoracic width`, anti-aliased."
+    cph, sph = math.cos(G['phi']), math.sin(G['phi'])
+    hu = ((X - G['hx']) * cph + (Y - G['hy']) * sph) / G['ha']; hv = (-(X - G['hx']) * sph + (Y - G['hy']) * cph) / G['hb']
+    hr = np.sqrt(hu * hu + hv * hv)
+    return _ramp((1 - hr) * min(G['ha'], G['hb']), e)
+
+def _render_context(row, seed, size) -> SimpleNamespace:
+    "What the painters share for one image: anatomy, parameters, geometry, pixel grid, lungs, heart, vessels, empty layers, truth."
+    sex = row.get('Patient Sex', row.get('Patient Gender'))
+    an = patient_anatomy(seed, row['Patient ID'], row['Patient Age'], sex)
+    p = image_params(seed, row, an, size)
+    G = _geometry(an, p); s = G['s']
+    fr = _Frame(size, p); X, Y, e = fr.X, fr.Y, fr.edge
+    rng = np.random.default_rng([int(seed), int(row['Patient ID']), int(row['Follow-up #']), 3])
+    air, lmask, dl = _lungs(G, X, Y, e)
+    heart = _heart(G, X, Y, e)
+    T = dict(ctr=G['W'] / G['thor'], heart_width_cm=G['W'], thorax_width_cm=G['thor'], heart_center_cm=(G['hx'], G['hy']),
+             dome_right_y_cm=G['yd'][-1], dome_left_y_cm=G['yd'][1], dome_height_cm=G['dh'], lung_apex_y_cm=G['apex'],
+             cp_right_y_cm=G['cp'][-1], cp_left_y_cm=G['cp'][1])          # ground truth
+    vess = _vessel_tree(G, an, fr, p)
+    vis = {sg: np.clip(dl[sg][0] * (1 / (1.2 * s)), 0, 1) for sg in (-1, 1)}      # markings fade toward the pleura
+    O = {-1: np.zeros_like(X), 1: np.zeros_like(X)}
+    def add_O(sg, o, sl=None):
+        "Add airspace opacity `o` on side `sg` (in the box `sl`): opacities combine as 1 - Π(1 - o)."
+        if sl is None: O[sg] = 1 - (1 - O[sg]) * (1 - o)
+        else: O[sg][sl] = 1 - (1 - O[sg][sl]) * (1 - o)
+    return SimpleNamespace(X=X, Y=Y, e=e, G=G, F=p['F'], s=s, fr=fr, rng=rng, size=size, lmask=lmask, dl=dl, air=air, vis=vis,
+                           O=O, D=np.zeros_like(X), T=T, vess=vess, add_O=add_O, an=an, p=p, heart=heart, row=row, seed=seed)
+
+# %% ../nbs/02_phantom.ipynb #c22989c9
+def _paint_skeleton(k, A, an, p, f32=np.float32):
+    "Ribs (posterior and anterior), clavicles, scapulae (AP), spine, trachea and main bronchi, gastric bubble, breast shadows."
+    X, Y, e, G, s, fr = k.X, k.Y, k.e, k.G, k.s, k.fr
+    bone = f32(an['bone'])
+    for sg in (-1, 1):
+        xs = sg * (X - G['mshift']); tw = G['tw'][sg]; xn = xs * (1 / tw)
+        wx = _ramp(xs - 1.0 * s, e) * _ramp(tw + 1.2 * s - xs, 0.6)
+        u = (Y - (5.0 * s) * xn * xn + 1.6 * s * xn - an['rib_y0']) * (1 / an['rib_sp'])
+        fu = u - np.floor(u); hb = 0.25 - np.abs(fu - 0.25)
+        band = np.clip(hb * (1 / 0.05), 0, 1) - 0.45 * np.clip((hb - 0.06) * (1 / 0.05), 0, 1)
+        A += f32(0.075) * bone * band * wx * ((u >= 0) & (u < 10.5)) * (1 - 0.5 * _ramp(Y - G['cp'][sg], 2.0))
+        ua = (Y - 5.0 * s * np.clip(1 - xn, 0, None) ** 1.3 - an['rib_y0'] - 1.0 * s) * (1 / (an['rib_sp'] * 1.05))
+        fa = ua - np.floor(ua); ha = 0.2 - np.abs(fa - 0.2)
+        A += f32(0.035) * bone * np.clip(ha * (1 / 0.05), 0, 1) * _ramp(xs - 0.38 * tw, 2.0) * _ramp(tw + 0.5 * s - xs, 0.6) * ((ua >= 0) & (ua < 6.5))
+        # clavicle
+        yc = G['apex'] + an['clav'] - (1.2 * s if p['ap'] else 0)
+        x0, y0, x1, y1 = sg * 1.4 * s, yc + 1.2 * s, sg * (tw + 2.0 * s), yc - (0.6 if p['ap'] else 2.0) * s
+        sl = fr.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 2 * s)
+        if sl is not None:
+            dd = _seg_dist(X[sl], Y[sl], x0, y0, x1, y1)
+            A[sl] += f32(0.09) * bone * _ramp(0.6 * s - dd, e)
+        if p['ap']:  # scapulae project over the lateral upper lungs on AP films
+            A += f32(0.035) * _ramp(xs - (0.66 * tw + 0.18 * (Y - G['apex'])), 0.5) * _ramp(G['apex'] + 12 * s - Y, 1.5) * _ramp(tw + 2 * s - xs, 1.0)
+    spine = _ramp(1.6 * s - np.abs(X - 0.3 * G['mshift']), e)
+    vu = (Y - G['apex']) * (1 / (2.3 * s)); vf = vu - np.floor(vu)
+    A += f32(0.045) * bone * spine * (1 - 0.5 * np.clip(1 - np.abs(vf - 0.5) * (1 / 0.09), 0, 1))
+    # trachea and main bronchi (air), stomach bubble
+    car = -5.5 * s
+    tr = _ramp(0.85 * s - np.abs(X - 0.3 * G['mshift']), e) * _ramp(car - Y, e)
+    A -= f32(0.13) * tr
+    for sg in (-1, 1):
+        sl = fr.box(sg * 1.3 * s, car + 1.1 * s, 2.5 * s)
+        if sl is not None: A[sl] -= f32(0.08) * _ramp(0.55 * s - _seg_dist(X[sl], Y[sl], 0.3 * G['mshift'], car, sg * 2.6 * s + G['mshift'], car + 2.2 * s), e)
+    if an['vseed'] % 5:
+        bx, by = 0.5 * G['tw'][1], G['yd'][1] + 2.2 * s
+        sl = fr.box(bx, by, 3 * s)
+        if sl is not None:
+            A[sl] -= f32(0.22) * _ramp(1 - np.sqrt(((X[sl] - bx) / (2.2 * s)) ** 2 + ((Y[sl] - by) / (1.3 * s)) ** 2), 0.1) * _ramp(by - Y[sl] + 0.2 * s, 0.3)
+    if an['breast']:
+        for sg in (-1, 1):
+            bx, by = sg * 0.5 * G['tw'][sg], G['yd'][sg] - 2.0 * s
+            sl = fr.box(bx, by, 6 * s)
+            if sl is None: continue
+            qq = 1 - ((X[sl] - bx) / (0.5 * G['tw'][sg])) ** 2 - ((Y[sl] - by) / (4.5 * s)) ** 2
+            A[sl] += f32(0.07) * np.clip(qq * 3, 0, 1)
+
+# %% ../nbs/02_phantom.ipynb #8b26fb5c
+def _compose(k) -> np.ndarray:
+    "The attenuation image: soft tissue, lungs (air minus airspace opacity), heart, vessels and hila, the findings' density, skeleton."
+    X, Y, e, G, s, fr, heart, f32 = k.X, k.Y, k.e, k.G, k.s, k.fr, k.heart, np.float32
+    # body soft tissue (thicker centrally; shoulders at the top)
+    bw = (G['thor'] / 2 + k.an['soft']) + 3.2 * s * np.clip((-9.5 * s - Y) / (5 * s), 0, 1) - 1.5 * s * np.clip((Y - 12 * s) / (6 * s), 0, 1)
+    q = np.clip(1 - (X / bw) ** 2, 0, 1)
+    A = f32(0.72) * q ** f32(0.15) * _ramp(bw - np.abs(X), e)
+    A += f32(0.14) * _ramp(G['thor'] / 2 + 1.6 * s - np.abs(X), 0.8 * s) * _ramp(Y - G['apex'] + 3 * s, 2 * s)   # ribcage and chest-wall muscle
+    for sg in (-1, 1):
+        a = k.air[sg] * (1 - k.O[sg]) * (1 - 0.85 * heart)
+        A -= f32(0.47) * a
+        A += f32(0.085) * k.vess * k.vis[sg] * k.lmask[sg] * (1 - 0.6 * heart)
+        hx, hy = G['hil'][sg]
+        sl = fr.box(hx, hy, 3.5 * s)
+        if sl is not None: A[sl] += f32(0.05) * np.exp(-((X[sl] - hx) ** 2 + (Y[sl] - hy) ** 2) * (1 / (2 * (1.1 * s) ** 2))) * k.lmask[sg][sl]
+    A += f32(0.03) * heart + k.D
+    _paint_skeleton(k, A, k.an, k.p)
+    return A
+
+# %% ../nbs/02_phantom.ipynb #2340dabe
+def _expose(k, A) -> np.ndarray:
+    "Film of the attenuation image `A`: window, gamma, heel-effect gradient, quantum noise, 8 bits, burnt-in markers."
+    p, size, f32 = k.p, k.size, np.float32
+    I = np.clip((A - f32(p["lo"])) * f32(1 / (p['hi'] - p['lo'])), 0, 1)
+    I = I ** f32(p['gamma'])
+    I += f32(p['grad']) * (np.arange(size, dtype=np.float32)[:, None] * f32(1 / size) - f32(0.5))
+    rn = np.random.default_rng([int(k.seed), int(k.row['Patient ID']), int(k.row['Follow-up #']), 4])    # independent of the findings drawn above
+    I += f32(p['noise']) * rn.standard_normal((size, size), dtype=np.float32)
+    img = (np.clip(I, 0, 1) * 255 + 0.5).astype(np.uint8)
+    _markers(img, p, k.fr)
+    return img
+
+def _markers(img, p, fr):
+    "Burn in the side marker 'L' (image right, patient's left) and, on AP films, 'AP' / 'PORTABLE' text."
+    size = img.shape[0]; px = 1.0 / fr.pix
+    def put(text, x, y, h):
+        f = _font(h * px)
+        l, t, r, b = f.getbbox(text)
+        im = Image.new('L', (r + 2, b + 2)); ImageDraw.Draw(im).text((1 - l, 1), text, fill=255, font=f)
+        a = np.where(np.asarray(im) > 96, 255, 0).astype(np.uint8); x, y = int(x), int(y)   # burnt-in: pure white
+        x0, y0 = max(0, x), max(0, y); x1, y1 = min(size, x + a.shape[1]), min(size, y + a.shape[0])
+        if x1 > x0 and y1 > y0: np.maximum(img[y0:y1, x0:x1], a[y0 - y:y1 - y, x0 - x:x1 - x], out=img[y0:y1, x0:x1])
+    mx, my = p['mark']
+    put('L', size * (1 - mx) - 1.6 * px, size * my, 1.6)
+    if p['ap']:
+        put('AP', size * 0.04, size * 0.03, 1.3)
+        put('PORTABLE', size * 0.04, size * 0.03 + 1.8 * px, 1.0)
+
+# %% ../nbs/02_phantom.ipynb #4aa2bec1
+def render_image(row, seed: int = 0, size: int = 256):
+    "Render one phantom radiograph for a metadata `row` (dict-like, NIH columns): (uint8 size x size array, truth dict)."
+    k = _render_context(row, seed, size)            # anatomy, pose, geometry, pixel grid, lungs, heart, vessels
+    for name in k.F: _PAINTERS[name](k)             # each finding paints its own signature
+    img = _expose(k, _compose(k))                   # attenuation image -> film
+    p, fr = k.p, k.fr
+    k.T.update(fov_cm=fr.fov, pixel_spacing_mm=10 * fr.pix, magnification=fr.mag, rotation_deg=p['rot'], shift_x_cm=fr.sx, shift_y_cm=fr.sy,
+               window_lo=p['lo'], window_hi=p['hi'], gamma=p['gamma'], noise_sd=p['noise'], body_scale=k.s)
+    return img, k.T
 
 # %% ../nbs/02_phantom.ipynb #96b48c09
 _PAINTERS = {}
@@ -479,131 +645,6 @@ def _paint_hernia(k, f32=np.float32):
         for sg in (-1, 1): air[sg][sl] *= 1 - ins
     T.update(hernia_size_cm=2 * r, hernia_xy_cm=f'{x:.1f},{y:.1f}')
 
-# %% ../nbs/02_phantom.ipynb #c22989c9
-def _paint_skeleton(k, A, an, p, f32=np.float32):
-    "Ribs (posterior and anterior), clavicles, scapulae (AP), spine, trachea and main bronchi, gastric bubble, breast shadows."
-    X, Y, e, G, s, fr = k.X, k.Y, k.e, k.G, k.s, k.fr
-    bone = f32(an['bone'])
-    for sg in (-1, 1):
-        xs = sg * (X - G['mshift']); tw = G['tw'][sg]; xn = xs * (1 / tw)
-        wx = _ramp(xs - 1.0 * s, e) * _ramp(tw + 1.2 * s - xs, 0.6)
-        u = (Y - (5.0 * s) * xn * xn + 1.6 * s * xn - an['rib_y0']) * (1 / an['rib_sp'])
-        fu = u - np.floor(u); hb = 0.25 - np.abs(fu - 0.25)
-        band = np.clip(hb * (1 / 0.05), 0, 1) - 0.45 * np.clip((hb - 0.06) * (1 / 0.05), 0, 1)
-        A += f32(0.075) * bone * band * wx * ((u >= 0) & (u < 10.5)) * (1 - 0.5 * _ramp(Y - G['cp'][sg], 2.0))
-        ua = (Y - 5.0 * s * np.clip(1 - xn, 0, None) ** 1.3 - an['rib_y0'] - 1.0 * s) * (1 / (an['rib_sp'] * 1.05))
-        fa = ua - np.floor(ua); ha = 0.2 - np.abs(fa - 0.2)
-        A += f32(0.035) * bone * np.clip(ha * (1 / 0.05), 0, 1) * _ramp(xs - 0.38 * tw, 2.0) * _ramp(tw + 0.5 * s - xs, 0.6) * ((ua >= 0) & (ua < 6.5))
-        # clavicle
-        yc = G['apex'] + an['clav'] - (1.2 * s if p['ap'] else 0)
-        x0, y0, x1, y1 = sg * 1.4 * s, yc + 1.2 * s, sg * (tw + 2.0 * s), yc - (0.6 if p['ap'] else 2.0) * s
-        sl = fr.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 2 * s)
-        if sl is not None:
-            dd = _seg_dist(X[sl], Y[sl], x0, y0, x1, y1)
-            A[sl] += f32(0.09) * bone * _ramp(0.6 * s - dd, e)
-        if p['ap']:  # scapulae project over the lateral upper lungs on AP films
-            A += f32(0.035) * _ramp(xs - (0.66 * tw + 0.18 * (Y - G['apex'])), 0.5) * _ramp(G['apex'] + 12 * s - Y, 1.5) * _ramp(tw + 2 * s - xs, 1.0)
-    spine = _ramp(1.6 * s - np.abs(X - 0.3 * G['mshift']), e)
-    vu = (Y - G['apex']) * (1 / (2.3 * s)); vf = vu - np.floor(vu)
-    A += f32(0.045) * bone * spine * (1 - 0.5 * np.clip(1 - np.abs(vf - 0.5) * (1 / 0.09), 0, 1))
-    # trachea and main bronchi (air), stomach bubble
-    car = -5.5 * s
-    tr = _ramp(0.85 * s - np.abs(X - 0.3 * G['mshift']), e) * _ramp(car - Y, e)
-    A -= f32(0.13) * tr
-    for sg in (-1, 1):
-        sl = fr.box(sg * 1.3 * s, car + 1.1 * s, 2.5 * s)
-        if sl is not None: A[sl] -= f32(0.08) * _ramp(0.55 * s - _seg_dist(X[sl], Y[sl], 0.3 * G['mshift'], car, sg * 2.6 * s + G['mshift'], car + 2.2 * s), e)
-    if an['vseed'] % 5:
-        bx, by = 0.5 * G['tw'][1], G['yd'][1] + 2.2 * s
-        sl = fr.box(bx, by, 3 * s)
-        if sl is not None:
-            A[sl] -= f32(0.22) * _ramp(1 - np.sqrt(((X[sl] - bx) / (2.2 * s)) ** 2 + ((Y[sl] - by) / (1.3 * s)) ** 2), 0.1) * _ramp(by - Y[sl] + 0.2 * s, 0.3)
-    if an['breast']:
-        for sg in (-1, 1):
-            bx, by = sg * 0.5 * G['tw'][sg], G['yd'][sg] - 2.0 * s
-            sl = fr.box(bx, by, 6 * s)
-            if sl is None: continue
-            qq = 1 - ((X[sl] - bx) / (0.5 * G['tw'][sg])) ** 2 - ((Y[sl] - by) / (4.5 * s)) ** 2
-            A[sl] += f32(0.07) * np.clip(qq * 3, 0, 1)
-
-# %% ../nbs/02_phantom.ipynb #4aa2bec1
-def render_image(row, seed: int = 0, size: int = 256):
-    "Render one phantom radiograph for a metadata `row` (dict-like, NIH columns): (uint8 size x size array, truth dict)."
-    sex = row.get('Patient Sex', row.get('Patient Gender'))
-    an = patient_anatomy(seed, row['Patient ID'], row['Patient Age'], sex)
-    p = image_params(seed, row, an, size)
-    G = _geometry(an, p); F = p['F']; s = G['s']
-    fr = _Frame(size, p); X, Y, e = fr.X, fr.Y, fr.edge
-    rng = np.random.default_rng([int(seed), int(row['Patient ID']), int(row['Follow-up #']), 3])
-    f32 = np.float32
-    T = dict()                                           # ground truth
-    # --- body soft tissue (thicker centrally; shoulders at the top)
-    bw = (G['thor'] / 2 + an['soft']) + 3.2 * s * np.clip((-9.5 * s - Y) / (5 * s), 0, 1) - 1.5 * s * np.clip((Y - 12 * s) / (6 * s), 0, 1)
-    q = np.clip(1 - (X / bw) ** 2, 0, 1)
-    A = f32(0.72) * q ** f32(0.15) * _ramp(bw - np.abs(X), e)
-    A += f32(0.14) * _ramp(G['thor'] / 2 + 1.6 * s - np.abs(X), 0.8 * s) * _ramp(Y - G['apex'] + 3 * s, 2 * s)   # ribcage and chest-wall muscle
-    # --- lungs
-    air, lmask, dl = {}, {}, {}
-    for sg in (-1, 1):
-        d, d_lat, d_top = _lung_d(G, sg, X, Y)
-        m = _ramp(d, e); lmask[sg] = m; dl[sg] = (d, d_lat, d_top)
-        air[sg] = m * (f32(0.55) + f32(0.45) * np.clip(np.minimum(d_lat, d_top) * (1 / 3.0), 0, 1))
-    # heart: rotated ellipse
-    cph, sph = math.cos(G['phi']), math.sin(G['phi'])
-    hu = ((X - G['hx']) * cph + (Y - G['hy']) * sph) / G['ha']; hv = (-(X - G['hx']) * sph + (Y - G['hy']) * cph) / G['hb']
-    hr = np.sqrt(hu * hu + hv * hv)
-    heart = _ramp((1 - hr) * min(G['ha'], G['hb']), e)
-    T.update(ctr=G['W'] / G['thor'], heart_width_cm=G['W'], thorax_width_cm=G['thor'], heart_center_cm=(G['hx'], G['hy']),
-             dome_right_y_cm=G['yd'][-1], dome_left_y_cm=G['yd'][1], dome_height_cm=G['dh'], lung_apex_y_cm=G['apex'],
-             cp_right_y_cm=G['cp'][-1], cp_left_y_cm=G['cp'][1])
-    vess = _vessel_tree(G, an, fr, p)
-    vis = {sg: np.clip(dl[sg][0] * (1 / (1.2 * s)), 0, 1) for sg in (-1, 1)}      # markings fade toward the pleura
-    O = {-1: np.zeros_like(X), 1: np.zeros_like(X)}; D = np.zeros_like(X)
-    def add_O(sg, o, sl=None):
-        if sl is None: O[sg] = 1 - (1 - O[sg]) * (1 - o)
-        else: O[sg][sl] = 1 - (1 - O[sg][sl]) * (1 - o)
-    k = SimpleNamespace(X=X, Y=Y, e=e, G=G, F=F, s=s, fr=fr, rng=rng, size=size, lmask=lmask, dl=dl, air=air, vis=vis,
-                        O=O, D=D, T=T, vess=vess, add_O=add_O)
-    for name in F: _PAINTERS[name](k)                  # each finding paints its own signature
-    # --- compose: lungs (air minus airspace opacity), heart/mediastinum, vessels
-    nh = 1 - heart
-    for sg in (-1, 1):
-        a = air[sg] * (1 - O[sg]) * (1 - 0.85 * heart)
-        A -= f32(0.47) * a
-        A += f32(0.085) * vess * vis[sg] * lmask[sg] * (1 - 0.6 * heart)
-        hx, hy = G['hil'][sg]
-        sl = fr.box(hx, hy, 3.5 * s)
-        if sl is not None: A[sl] += f32(0.05) * np.exp(-((X[sl] - hx) ** 2 + (Y[sl] - hy) ** 2) * (1 / (2 * (1.1 * s) ** 2))) * lmask[sg][sl]
-    A += f32(0.03) * heart + D
-    _paint_skeleton(k, A, an, p)
-    # --- exposure: window, gamma, heel gradient, quantum noise
-    I = np.clip((A - f32(p["lo"])) * f32(1 / (p['hi'] - p['lo'])), 0, 1)
-    I = I ** f32(p['gamma'])
-    I += f32(p['grad']) * (np.arange(size, dtype=np.float32)[:, None] * f32(1 / size) - f32(0.5))
-    rn = np.random.default_rng([int(seed), int(row['Patient ID']), int(row['Follow-up #']), 4])    # independent of the findings drawn above
-    I += f32(p['noise']) * rn.standard_normal((size, size), dtype=np.float32)
-    img = (np.clip(I, 0, 1) * 255 + 0.5).astype(np.uint8)
-    _markers(img, p, fr)
-    T.update(fov_cm=fr.fov, pixel_spacing_mm=10 * fr.pix, magnification=fr.mag, rotation_deg=p['rot'], shift_x_cm=fr.sx, shift_y_cm=fr.sy,
-             window_lo=p['lo'], window_hi=p['hi'], gamma=p['gamma'], noise_sd=p['noise'], body_scale=s)
-    return img, T
-
-def _markers(img, p, fr):
-    "Burn in the side marker 'L' (image right, patient's left) and, on AP films, 'AP' / 'PORTABLE' text."
-    size = img.shape[0]; px = 1.0 / fr.pix
-    def put(text, x, y, h):
-        f = _font(h * px)
-        l, t, r, b = f.getbbox(text)
-        im = Image.new('L', (r + 2, b + 2)); ImageDraw.Draw(im).text((1 - l, 1), text, fill=255, font=f)
-        a = np.where(np.asarray(im) > 96, 255, 0).astype(np.uint8); x, y = int(x), int(y)   # burnt-in: pure white
-        x0, y0 = max(0, x), max(0, y); x1, y1 = min(size, x + a.shape[1]), min(size, y + a.shape[0])
-        if x1 > x0 and y1 > y0: np.maximum(img[y0:y1, x0:x1], a[y0 - y:y1 - y, x0 - x:x1 - x], out=img[y0:y1, x0:x1])
-    mx, my = p['mark']
-    put('L', size * (1 - mx) - 1.6 * px, size * my, 1.6)
-    if p['ap']:
-        put('AP', size * 0.04, size * 0.03, 1.3)
-        put('PORTABLE', size * 0.04, size * 0.03 + 1.8 * px, 1.0)
-
 # %% ../nbs/02_phantom.ipynb #ad4dabd2
 def _as_gray(image):
     if isinstance(image, (str, Path)):
@@ -615,22 +656,11 @@ def _as_gray(image):
     if a.ndim != 2 or min(a.shape) < 32: raise ValueError(f"measure: expected a 2-D greyscale image of at least 32x32 pixels, got shape {a.shape}")
     return a
 
-def _otsu3(v, bins=64):
-    "Two thresholds of a three-class Otsu split (dark lungs / soft tissue / dense), by exhaustive search on a histogram."
-    h, edges = np.histogram(v, bins=bins, range=(0, 1)); c = (edges[:-1] + edges[1:]) / 2
-    W = np.concatenate([[0], np.cumsum(h)]).astype(np.float64); M = np.concatenate([[0], np.cumsum(h * c)])
-    i, j = np.triu_indices(bins + 1, 1)
-    ok = (i > 0) & (j < bins); i, j = i[ok], j[ok]
-    def term(a, b):
-        w = W[b] - W[a]; m = M[b] - M[a]
-        return np.where(w > 0, m * m / np.maximum(w, 1), 0)
-    score = term(0, i) + term(i, j) + term(j, bins)
-    k = np.argmax(score)
-    return float(edges[i[k]]), float(edges[j[k]])
-
+# %% ../nbs/02_phantom.ipynb #0239253e
 def lung_masks(image, work: int = 256):
-    "Segment the two lung fields by thresholding (Otsu in the central region); returns (image-left mask, image-right mask, normalised image)."
-    from scipy import ndimage as ndi
+    """Segment the two lung fields by thresholding: of 18 levels between the 3rd and 85th percentiles of the central region,
+    those at which the two largest dark regions not touching the border are both large span a range, and the level 70 % into
+    it is used. Returns (image-left mask, image-right mask, normalised image); (None, None, image) when no level finds two lungs."""
     a = _as_gray(image)
     if a.shape[1] != work:
         h = max(32, int(round(a.shape[0] * work / a.shape[1])))
@@ -687,8 +717,22 @@ def _heart_rows(M, any_, single, med, left, sm=None, k=4):
             ok[rr[strip < lung + 0.6 * (np.median(strip) - lung)]] = False
     return ok
 
+# %% ../nbs/02_phantom.ipynb #e167c563
 CP_EFFUSION_THRESHOLD = 0.0   # costophrenic feature below this (lateral lung base higher than further in) = blunted angle
 
+def _costophrenic(M, thorax, lateral_is_left: bool) -> float:
+    """The costophrenic feature of one lung mask: its lowest row near the lateral wall minus that a little further in, over
+    the thoracic width `thorax`. A sharp angle dips laterally (positive); a meniscus makes the base rise toward the wall."""
+    cols = np.flatnonzero(M.any(0)); wd = cols[-1] - cols[0] + 1
+    H = M.shape[0]; bottom = H - 1 - np.argmax(M[::-1], 0)
+    def at(f0, f1):
+        if lateral_is_left: c = np.arange(cols[0] + int(f0 * wd), cols[0] + int(f1 * wd) + 1)
+        else: c = np.arange(cols[-1] - int(f1 * wd), cols[-1] - int(f0 * wd) + 1)
+        c = c[M[:, c].any(0)]
+        return float(np.median(bottom[c])) if len(c) else float('nan')
+    return (at(0.02, 0.07) - at(0.22, 0.30)) / thorax
+
+# %% ../nbs/02_phantom.ipynb #a1acbd37
 def measure(image) -> dict:
     """Recover from pixels alone the cardiothoracic ratio and signs of pleural effusion.
     `image`: a path or a 2-D array (uint8 or float). Returns a dict with ctr, heart/thorax widths (pixels at 256 wide),
@@ -699,22 +743,13 @@ def measure(image) -> dict:
     if L is None: return out
     aL, fL, lL, sL = _rows(L); aR, fR, lR, sR = _rows(R)
     thorax = lR[aR].max() - fL[aL].min() + 1
-    from scipy.ndimage import gaussian_filter
-    sm = gaussian_filter(a, 1.0)
+    sm = ndi.gaussian_filter(a, 1.0)
     vl = _heart_rows(L, aL, sL, lL, True, sm); vr = _heart_rows(R, aR, sR, fR, False, sm)
     if not vl.any() or not vr.any(): return out
     heart = fR[vr].max() - lL[vl].min() - 1
     out.update(ctr=float(heart / thorax), heart_px=float(heart), thorax_px=float(thorax))
-    # costophrenic angle: lowest lung row near the lateral wall vs a little further in; a meniscus makes it rise laterally
-    for key, M, lateral_is_left in (('cp_right', L, True), ('cp_left', R, False)):
-        cols = np.flatnonzero(M.any(0)); wd = cols[-1] - cols[0] + 1
-        H = M.shape[0]; bottom = H - 1 - np.argmax(M[::-1], 0)
-        def at(f0, f1):
-            if lateral_is_left: c = np.arange(cols[0] + int(f0 * wd), cols[0] + int(f1 * wd) + 1)
-            else: c = np.arange(cols[-1] - int(f1 * wd), cols[-1] - int(f0 * wd) + 1)
-            c = c[M[:, c].any(0)]
-            return float(np.median(bottom[c])) if len(c) else float('nan')
-        out[key] = (at(0.02, 0.07) - at(0.22, 0.30)) / thorax
+    out['cp_right'] = _costophrenic(L, thorax, True)          # image-left lung: the patient's right
+    out['cp_left'] = _costophrenic(R, thorax, False)
     out['effusion_right'] = bool(out['cp_right'] < CP_EFFUSION_THRESHOLD)
     out['effusion_left'] = bool(out['cp_left'] < CP_EFFUSION_THRESHOLD)
     out['effusion'] = out['effusion_right'] or out['effusion_left']
@@ -738,6 +773,7 @@ TRUTH_COLUMNS = ['Image Index', 'Patient ID', 'Follow-up #', 'View Position', 'P
     'fov_cm', 'pixel_spacing_mm', 'magnification', 'rotation_deg', 'shift_x_cm', 'shift_y_cm',
     'window_lo', 'window_hi', 'gamma', 'noise_sd', 'body_scale']
 
+# %% ../nbs/02_phantom.ipynb #dbd6219f
 ENRICH_MAX_FOLLOW_UPS = 4   # with enrich > 0, a patient contributes at most this many images (rarest labels first)
 
 def sample_patients(meta: pd.DataFrame, n: int, seed: int = 0, enrich: float = 0.0) -> pd.DataFrame:
@@ -758,7 +794,6 @@ def sample_patients(meta: pd.DataFrame, n: int, seed: int = 0, enrich: float = 0
         pids = np.sort(meta['Patient ID'].unique())
         order = rng.permutation(pids)
     else:
-        from cxr_pggan.data import parse_labels
         Y = np.asarray(parse_labels(meta['Finding Labels']), bool)
         prev = np.maximum(Y.mean(0), 1.0 / len(meta))
         wi = np.where(Y, prev[None, :] ** -float(enrich), 0.0).max(1)             # image weight: its rarest label
@@ -796,6 +831,30 @@ def _nih_frame(rows: pd.DataFrame, truth: pd.DataFrame, size: int) -> pd.DataFra
                          'View Position': rows['View Position'], 'OriginalImage[Width': size, 'Height]': size,
                          'OriginalImagePixelSpacing[x': np.round(sp, 4), 'y]': np.round(sp, 4)})[NIH_COLUMNS]
 
+# %% ../nbs/02_phantom.ipynb #0380d02f
+def _render_all(jobs, total: int, size: int, workers: int, quiet: bool) -> list[dict]:
+    "Render the chunks `jobs` in this process (`workers` = 1) or a pool, in order, under a progress bar; their truth records."
+    truth = []
+    bar = progress(total=total, desc=f'phantom {size}px', unit='img', **(dict(disable=True) if quiet else {}))
+    if workers == 1:
+        for j in jobs: truth += _render_chunk(j); bar.update(len(j[0]))
+    else:
+        ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+        with ctx.Pool(workers) as pool:
+            for res in pool.imap(_render_chunk, jobs):
+                truth += res; bar.update(len(res))
+    bar.close()
+    return truth
+
+def _manifest(out: Path, metadata, rows, T, n, size, seed, enrich, seconds, workers) -> dict:
+    "The record of a finished render: parameters, counts, hashes of the metadata it came from and of the table it wrote, timing."
+    src = None if isinstance(metadata, pd.DataFrame) else Path(metadata) if metadata is not None else default_metadata_path()
+    return dict(version=PHANTOM_VERSION, n=int(n), size=int(size), seed=int(seed), enrich=float(enrich), images=len(T), patients=int(rows['Patient ID'].nunique()),
+                metadata=str(src) if src else '<DataFrame>', metadata_sha256=file_sha256(src) if src else None,
+                data_entry_sha256=file_sha256(out / 'Data_Entry_2017.csv'), seconds=round(seconds, 2), images_per_s=round(len(T) / max(seconds, 1e-9), 1),
+                workers=int(workers), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+
+# %% ../nbs/02_phantom.ipynb #b70151cd
 def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=None, workers: int | None = None,
                    chunk: int = 16, quiet: bool = False, enrich: float = 0.0, force: bool = False) -> Path:
     """Render `n` phantom radiographs (size x size, 8-bit) from real NIH metadata rows sampled patient-wise with `seed`.
@@ -807,8 +866,7 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
     out = Path(out_dir)
     # the folder must be ours (new, empty, or an earlier render); with force, files already there are never touched
     claim_folder(out, 'phantom', force=force, adopt=lambda f: (f / MANIFEST).is_file())
-    meta = _metadata(metadata)
-    rows = sample_patients(meta, n, seed, enrich)
+    rows = sample_patients(_metadata(metadata), n, seed, enrich)
     img_dir = out / 'images'
     check_all_writable([out / MANIFEST, out / 'phantom_truth.csv', out / 'Data_Entry_2017.csv'] + [img_dir / r for r in rows['Image Index']], out)
     ours_before = set(pd.read_csv(out / 'Data_Entry_2017.csv', usecols=['Image Index'])['Image Index']) \
@@ -819,17 +877,7 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
     jobs = [(recs[i:i + chunk], int(seed), int(size), str(img_dir)) for i in range(0, len(recs), chunk)]
     if workers is None: workers = 1 if n < 200 else max(1, min(2, os.cpu_count() or 1))
     if workers < 1: raise ValueError(f"workers must be >= 1, got {workers}")
-    t0 = time.time(); truth = []
-    bar = progress(total=len(recs), desc=f'phantom {size}px', unit='img', **(dict(disable=True) if quiet else {}))
-    if workers == 1:
-        for j in jobs: truth += _render_chunk(j); bar.update(len(j[0]))
-    else:
-        import multiprocessing as mp
-        ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-        with ctx.Pool(workers) as pool:
-            for res in pool.imap(_render_chunk, jobs):
-                truth += res; bar.update(len(res))
-    bar.close(); dt = time.time() - t0
+    t0 = time.time(); truth = _render_all(jobs, len(recs), size, workers, quiet); dt = time.time() - t0
     keep, foreign = set(rows['Image Index']), foreign_files(out)
     for name in ours_before - keep:                           # PNGs of our earlier render with other parameters (never anyone else's)
         f = img_dir / name
@@ -837,13 +885,7 @@ def render_phantom(out_dir, n: int, size: int = 256, seed: int = 0, metadata=Non
     T = pd.DataFrame(truth).reindex(columns=TRUTH_COLUMNS)
     with atomic_path(out / 'phantom_truth.csv') as tmp: T.to_csv(tmp, index=False, float_format='%.4f')
     with atomic_path(out / 'Data_Entry_2017.csv') as tmp: _nih_frame(rows, T, size).to_csv(tmp, index=False)
-    from cxr_pggan.data import default_metadata_path
-    src = None if isinstance(metadata, pd.DataFrame) else Path(metadata) if metadata is not None else default_metadata_path()
-    man = dict(version=PHANTOM_VERSION, n=int(n), size=int(size), seed=int(seed), enrich=float(enrich), images=len(T), patients=int(rows['Patient ID'].nunique()),
-               metadata=str(src) if src else '<DataFrame>', metadata_sha256=file_sha256(src) if src else None,
-               data_entry_sha256=file_sha256(out / 'Data_Entry_2017.csv'), seconds=round(dt, 2), images_per_s=round(len(T) / max(dt, 1e-9), 1),
-               workers=int(workers), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-    atomic_write(out / MANIFEST, json.dumps(man, indent=1))
+    atomic_write(out / MANIFEST, json.dumps(_manifest(out, metadata, rows, T, n, size, seed, enrich, dt, workers), indent=1))
     return out
 
 # %% ../nbs/02_phantom.ipynb #66e13fe3
@@ -879,7 +921,6 @@ def phantom_grid(folder, path, n: int = 16, cols: int | None = None, provenance:
     """Write a labelled PNG grid of `n` images (one per patient first) of a phantom (or any NIH-layout) `folder` to `path`
     (atomically, dpi 150) with its `.provenance.json`; returns `path`."""
     import matplotlib; import matplotlib.pyplot as plt
-    from cxr_pggan.core import write_provenance
     folder, path = Path(folder), Path(path)
     csv = folder / 'Data_Entry_2017.csv'
     if not csv.is_file(): raise FileNotFoundError(f"{csv} is missing: `folder` must hold a phantom render (cxr-pggan phantom --out {folder})")
@@ -909,7 +950,7 @@ def phantom_grid(folder, path, n: int = 16, cols: int | None = None, provenance:
 PHANTOM_JSON_KIND = 'phantom render record'   # the provenance kind of `phantom --json`
 
 def phantom_cli(argv: list[str]) -> int:
-    "`cxr-pggan phantom --out DIR --n N --size S --seed K [--metadata CSV] [--workers W] [--grid PNG] [--json FILE]`"
+    "`cxr-pggan phantom --out DIR [--force] --n N --size S --seed K [--metadata CSV] [--enrich G] [--workers W] [--grid PNG] [--json FILE]`"
     ap = CLIParser(prog='cxr-pggan phantom',
                                  description='Render the phantom dataset (NIH layout: images/*.png, Data_Entry_2017.csv, phantom_truth.csv) '
                                              'from real NIH metadata rows sampled patient-wise.')
@@ -940,7 +981,6 @@ def phantom_cli(argv: list[str]) -> int:
     if a.grid: print(f"[phantom] grid -> {phantom_grid(out, a.grid)}")
     if a.json:
         atomic_write(a.json, json.dumps(dict(man, total_seconds=round(time.time() - t0, 2), out=str(out)), indent=1))
-        from cxr_pggan.core import write_provenance
         write_provenance(a.json, params=vars(a), kind=PHANTOM_JSON_KIND)
     return 0
 
@@ -951,8 +991,7 @@ def bench_phantom_cli(argv: list[str]) -> int:
     ap.add_argument('--workers', type=int, nargs='+', default=[1, 2]); ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--json')
     a = ap.parse_args(argv)
-    import resource, tempfile
-    from cxr_pggan.core import write_bench_json
+    import resource                                            # POSIX only: the module itself imports everywhere
     _metadata(None)                                            # load the NIH table once, outside the timings
     runs = []
     for w in a.workers:

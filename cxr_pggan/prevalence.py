@@ -4,12 +4,17 @@
 
 # %% ../nbs/09_prevalence.ipynb #a0b5ff51
 from __future__ import annotations
-import json, time, warnings
+import functools, json, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
+from .classifier import load_classifier
 from .core import atomic_path, atomic_write, cap_workers, progress, register_profile, save_table, write_provenance, seed_everything
+from .data import DISPLAY_NAMES
 from .experiment import artifact, dataset_splits, resolve_dataset
+from .features import CHECKPOINT_SUFFIXES, ImageFiles, collate_images, default_device, image_paths, no_tf32, resize_to
+from .pggan import sample_images
+# matplotlib/seaborn are imported where Figure 6 is drawn
 
 # %% auto #0
 __all__ = ['check_labels', 'label_patterns', 'bootstrap_draws', 'bootstrap_prevalence', 'classifier_labels', 'figure6',
@@ -71,11 +76,7 @@ def bootstrap_prevalence(Y, labels=None, n_boot: int = 10_000, ci: float = 0.95,
 def classifier_labels(model, paths=None, images=None, batch_size: int = 32, num_workers: int = 0, device=None) -> pd.DataFrame:
     """0/1 labels (DataFrame with the classifier's label columns) at the classifier's Youden thresholds, for image
     files `paths` or an iterable `images` of (N, C, H, W) uint8/float batches."""
-    from cxr_pggan.features import ImageFiles, collate_images, resize_to, default_device, no_tf32
-    import functools
-    if isinstance(model, (str, Path)):
-        from cxr_pggan.classifier import load_classifier
-        model = load_classifier(model)
+    if isinstance(model, (str, Path)): model = load_classifier(model)
     for a in ('thresholds', 'labels', 'input_size'):
         if not hasattr(model, a): raise TypeError(f"classifier {type(model).__name__} lacks .{a} (needs .forward, .thresholds, .labels, .input_size)")
     device = torch.device(device) if device is not None else default_device()
@@ -96,7 +97,6 @@ def classifier_labels(model, paths=None, images=None, batch_size: int = 32, num_
 def figure6(tables: list[pd.DataFrame], title_note: str = ''):
     "Figure 6: prevalence (%) per class with 95 % CI bars, one colour per set, side by side."
     import matplotlib.pyplot as plt, seaborn as sns
-    from cxr_pggan.data import DISPLAY_NAMES
     sns.set_theme(style='whitegrid', context='paper')
     labels = list(tables[0]['label'])
     x = np.arange(len(labels)); w = 0.8 / len(tables)
@@ -119,8 +119,6 @@ def figure6(tables: list[pd.DataFrame], title_note: str = ''):
 def generated_labels(source, n: int, model, seed: int = 0, batch_size: int = 32, num_workers: int = 0, device=None,
                      trust_pickle: bool = False) -> pd.DataFrame:
     "Classifier labels (Youden thresholds) of a generated set: `n` samples of a generator checkpoint, or the images of a folder/CSV (an archive)."
-    from cxr_pggan.features import CHECKPOINT_SUFFIXES, image_paths
-    from cxr_pggan.pggan import sample_images
     p = Path(source)
     if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES:
         return classifier_labels(model, images=sample_images(p, n, seed, batch_size, device, trust_pickle=trust_pickle), device=device)

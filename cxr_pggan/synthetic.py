@@ -7,14 +7,18 @@ from __future__ import annotations
 import json, math, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
-from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, check_writable, claim_folder,
-                            file_sha256, parse_sets, payload_digest, positive_int, progress, register_profile, save_table,
-                            seed_everything, read_record, write_provenance, PRECISIONS, PROFILE_NAMES, resolve_precision)
-from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS
-from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
-from .pggan import as_image_generator, sample_z
+from .archive import CSV_NAME, _to_png, _write_png
 from .classifier import (DiscriminatorClassifier, _auc_rows, discriminator_classifier, load_classifier, predict_logits,
                                   roc_auc_table)
+from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_all_writable, check_device, check_writable, claim_folder,
+                            file_sha256, parse_sets, payload_digest, positive_int, progress, register_profile, save_table, section_params,
+                            seed_everything, read_record, write_provenance, PRECISIONS, PROFILE_NAMES, resolve_precision)
+from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS, CXRDataset, load_folder
+from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
+from .features import classifier_features, extract_features, set_features
+from .metrics import FeatureSet, compute_metrics
+from .pggan import as_image_generator, load_pretrained, sample_z
+# matplotlib is imported where the figure is drawn
 
 # %% auto #0
 __all__ = ['PAPER_TABLE2_MACRO', 'PAPER_SOURCE', 'MODELS', 'ENCODER_FORMAT', 'EMBED_FORMAT', 'latent_names', 'generator_identity',
@@ -36,6 +40,7 @@ def latent_names(latent_dim: int) -> list[str]:
     "The encoder's output names: z0 … z{d-1}."
     return [f'z{i}' for i in range(int(latent_dim))]
 
+# %% ../nbs/12_synthetic_training.ipynb #2bf349d8
 def generator_identity(G) -> dict:
     "What an encoder records of its generator (an `ImageGenerator`): file, sha256, network, latent size and resolution."
     w = G.weights or {}
@@ -47,7 +52,6 @@ def generator_identity(G) -> dict:
 # %% ../nbs/12_synthetic_training.ipynb #ab641ebe
 def new_encoder(generator, trust_pickle: bool = False) -> tuple[DiscriminatorClassifier, dict]:
     "`(encoder, generator identity)`: D of the checkpoint `generator` with a latent-size head (random D when the file has none)."
-    from cxr_pggan.pggan import load_pretrained
     pre = load_pretrained(generator, trust_pickle=trust_pickle)
     ident = generator_identity(as_image_generator(pre))
     names = latent_names(ident['latent_dim'])
@@ -72,11 +76,13 @@ def save_encoder(E: DiscriminatorClassifier, path, generator: dict, settings: di
     with atomic_path(path) as tmp: torch.save(rec, tmp)
     return Path(path)
 
+# %% ../nbs/12_synthetic_training.ipynb #9aa56875
 def read_encoder_checkpoint(path) -> dict:
     "The raw record of an encoder checkpoint, with a clear error for anything else."
     return read_record(path, ENCODER_FORMAT, 'encoder checkpoint', '`cxr-pggan train-encoder`',
                        f'train one with `cxr-pggan train-encoder --generator G --out {path}`')
 
+# %% ../nbs/12_synthetic_training.ipynb #664f841d
 def check_encoder_fits(rec: dict, ident: dict, path, generator, allow_other_generator: bool = False):
     "Raise when the encoder record `rec` (file `path`) was trained for another generator than `ident` (file `generator`)."
     have = rec['generator']
@@ -90,6 +96,7 @@ def check_encoder_fits(rec: dict, ident: dict, path, generator, allow_other_gene
                          f"not {generator} (sha256 {ident['sha256'][:12]}); {fix}, or pass --allow-other-generator if it is "
                          "the same network in another file")
 
+# %% ../nbs/12_synthetic_training.ipynb #fce349a0
 def load_encoder(path, generator=None, allow_other_generator: bool = False, trust_pickle: bool = False, map_location='cpu'):
     "`(encoder in eval mode, record)`; with `generator` (a checkpoint path or `ImageGenerator`), checked to belong to it."
     rec = read_encoder_checkpoint(path)
@@ -113,19 +120,61 @@ def latent_scores(E, z: torch.Tensor, x: torch.Tensor, batch: int = 64) -> dict:
     p = torch.cat([E(x[i:i + batch]).float() for i in range(0, len(x), batch)])
     return dict(heldout_mse=float(F.mse_loss(p, z)), heldout_cos=float(F.cosine_similarity(p, z, dim=1).mean()))
 
+# %% ../nbs/12_synthetic_training.ipynb #eb0df180
 def _is_encoder_file(path) -> bool:
     "An encoder checkpoint written before provenance recorded kinds (its own format field says so)."
     try: return bool(read_encoder_checkpoint(path))
     except (OSError, ValueError): return False
 
+def _resumable(out: Path, ident: dict, settings: dict, steps: int, generator) -> dict | None:
+    """The record of the encoder at `out` that this run continues (None: there is none); one line naming `out` when it
+    belongs to another generator, was trained with other settings, or for more steps than asked."""
+    if not out.is_file(): return None
+    rec = read_encoder_checkpoint(out)
+    check_encoder_fits(rec, ident, out, generator)
+    diff = {k: (rec['settings'].get(k), v) for k, v in settings.items() if rec['settings'].get(k) != v}
+    if diff: raise ValueError(f"{out}: holds an encoder trained with other settings {diff} (existing, requested); "
+                              "use another --out, or the same settings to resume it")
+    if int(rec['step']) > steps: raise ValueError(f"{out}: holds an encoder trained for {rec['step']} steps, more than the {steps} asked; "
+                                                  "use another --out, or ask for at least as many steps to continue it")
+    return rec
+
+# %% ../nbs/12_synthetic_training.ipynb #9929ea5d
+def _check_counts(**counts):
+    "One line for the first of `counts` (name=value) below 1."
+    for k, v in counts.items():
+        if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
+
+def _optimiser(E, lr: float, rec: dict | None, scaler):
+    "Adam (betas 0.9/0.99) over `E`, with the optimiser and loss-scaler states of the resumed record `rec`."
+    opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
+    if rec is not None and rec.get('optimizer'): opt.load_state_dict(rec['optimizer'])
+    if rec is not None and rec.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(rec['scaler'])
+    return opt
+
+def _write_encoder(out, E, ident, settings, steps, seed, generator, step, history, opt, scaler, what, complete):
+    "Save the encoder with its training state to `out`, and its provenance (the step, whether complete, the last scores)."
+    save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what,
+                 scaler.state_dict() if scaler.is_enabled() else None)
+    write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
+                     weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
+                     extra=dict(step=step, complete=complete, last=history[-1] if history else None), kind='latent encoder')
+
+def _encoder_step(E, G, opt, scaler, ac, z) -> float:
+    "One step: render G(z) without gradient, MSE of E(G(z)) to z, Adam (fp16: overflowed steps skipped by the scaler); the loss."
+    with torch.no_grad(), ac(): x = G(z).float()
+    with ac(): loss = F.mse_loss(E(x).float(), z)
+    opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+    return loss.item()
+
+# %% ../nbs/12_synthetic_training.ipynb #1a6a8f41
 def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, heldout: int = 256,
                   eval_every: int = 200, checkpoint_every: int = 500, precision: str = 'fp32', seed: int = 0, device=None,
                   trust_pickle: bool = False, callbacks=(), log=print) -> dict:
     """Train (or resume) the latent encoder of the GAN checkpoint `generator` and write it to `out`; returns a summary.
     `callbacks`: functions `f(step)` called after every step (tests use them to simulate a kill)."""
     out = Path(out); check_writable(out, kind='latent encoder', adopt=lambda p: _is_encoder_file(p))
-    for k, v in dict(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every).items():
-        if int(v) < 1: raise ValueError(f"{k} must be >= 1, got {v}")
+    _check_counts(steps=steps, batch_size=batch_size, heldout=heldout, eval_every=eval_every, checkpoint_every=checkpoint_every)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     pr = resolve_precision(precision, device)
     ac, what, scaler = pr.autocast, pr.label, pr.grad_scaler()
@@ -133,43 +182,26 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
     settings = dict(batch_size=int(batch_size), lr=float(lr), heldout=int(heldout), seed=int(seed), precision=precision)
     seed_everything(seed)
     E, ident = new_encoder(generator, trust_pickle)
-    rec = None
-    if out.is_file():
-        rec = read_encoder_checkpoint(out)
-        check_encoder_fits(rec, ident, out, generator)
-        diff = {k: (rec['settings'].get(k), v) for k, v in settings.items() if rec['settings'].get(k) != v}
-        if diff: raise ValueError(f"{out}: holds an encoder trained with other settings {diff} (existing, requested); "
-                                  "use another --out, or the same settings to resume it")
-        if int(rec['step']) > steps: raise ValueError(f"{out}: holds an encoder trained for {rec['step']} steps, more than the {steps} asked; "
-                                                      "use another --out, or ask for at least as many steps to continue it")
-        E.load_state_dict(rec['state_dict']); E.init_weights = rec.get('init_weights')
+    rec = _resumable(out, ident, settings, steps, generator)
+    if rec is not None: E.load_state_dict(rec['state_dict']); E.init_weights = rec.get('init_weights')
     E = E.to(device).train()
-    opt = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
-    if rec is not None and rec.get('optimizer'): opt.load_state_dict(rec['optimizer'])
-    if rec is not None and rec.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(rec['scaler'])
+    opt = _optimiser(E, lr, rec, scaler)
     step, history = (int(rec['step']), list(rec['history'])) if rec is not None else (0, [])
     if rec is not None: log(f"resuming {out} at step {step}")
     if not out.is_file(): write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
                                            weights={'generator': ident}, kind='latent encoder')   # marks `out` as ours before the first save
     zh, xh = _heldout(G, heldout, seed, device)
     t0, d = time.time(), G.latent_dim
-    def save(complete):
-        save_encoder(E, out, ident, settings, step, history, opt.state_dict(), complete, what,
-                     scaler.state_dict() if scaler.is_enabled() else None)
-        write_provenance(out, params=settings | dict(steps=steps), seed=seed, inputs=dict(generator=generator),
-                         weights={'generator': ident, 'encoder_init': E.init_weights or 'none: random initialisation'},
-                         extra=dict(step=step, complete=complete, last=history[-1] if history else None), kind='latent encoder')
+    save = lambda complete: _write_encoder(out, E, ident, settings, steps, seed, generator, step, history, opt, scaler, what, complete)
     bar = progress(total=steps, initial=step, desc='encoder', unit='step')
     while step < steps:
         z = torch.randn(batch_size, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)
-        with torch.no_grad(), ac(): x = G(z).float()
-        with ac(): loss = F.mse_loss(E(x).float(), z)
-        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()   # fp16: overflowed steps skipped
+        loss = _encoder_step(E, G, opt, scaler, ac, z)
         step += 1; bar.update(1)
-        if not math.isfinite(loss.item()): raise FloatingPointError(f"encoder loss is {loss.item()} at step {step}; lower the lr (now {lr})")
+        if not math.isfinite(loss): raise FloatingPointError(f"encoder loss is {loss} at step {step}; lower the lr (now {lr})")
         if step % eval_every == 0 or step == steps:
             E.eval(); s = latent_scores(E, zh, xh); E.train()
-            history.append(dict(step=step, loss=loss.item(), **s, seconds=round(time.time() - t0, 2)))
+            history.append(dict(step=step, loss=loss, **s, seconds=round(time.time() - t0, 2)))
             bar.set_postfix_str(f"mse {s['heldout_mse']:.3f} cos {s['heldout_cos']:.3f}")
         if step % checkpoint_every == 0 or step == steps: save(step == steps)
         for cb in callbacks: cb(step)
@@ -185,7 +217,7 @@ def train_encoder(generator, out, steps: int = 2000, batch_size: int = 32, lr: f
 EMBED_FORMAT = 'cxr_pggan.embed/1'
 
 def _frame_of(data) -> pd.DataFrame:
-    from cxr_pggan.data import load_folder
+    "The frame of an NIH-layout folder, or a frame with `path` and the NIH columns, as it is."
     if isinstance(data, pd.DataFrame):
         miss = [c for c in ['path'] + REQUIRED_COLUMNS if c not in data.columns]
         if miss: raise KeyError(f"embed_images: the frame lacks column(s) {miss}; read the folder with cxr_pggan.data.load_folder")
@@ -202,11 +234,22 @@ def embedding_conflicts(out, plan: dict) -> dict:
         diff['generator'] = ((old.get('generator') or {}).get('path'), plan['generator']['path'])
     return diff
 
+# %% ../nbs/12_synthetic_training.ipynb #0383a577
+def _write_embeddings(G, E, frame: pd.DataFrame, targets: list, resolution: int, batch_size: int, device, num_workers: int):
+    "Write G(E(x)) of every image of `frame` (read at `resolution`, as the encoder was trained) to its PNG in `targets`, atomically."
+    ds = CXRDataset(frame, resolution, 1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cap_workers(num_workers))
+    k = 0
+    with torch.no_grad():
+        for x, _ in progress(dl, desc=f'embed {len(targets)} images', unit='batch'):
+            y = G(E(x.to(device)).float()).float()
+            for img in y:
+                _write_png(_to_png(img), targets[k]); k += 1
+
+# %% ../nbs/12_synthetic_training.ipynb #36f2d296
 def embed_images(encoder, generator, data, out, batch_size: int = 64, device=None, force: bool = False,
                  allow_other_generator: bool = False, trust_pickle: bool = False, num_workers: int = 0) -> dict:
     "Write G(E(x)) for every image of `data` (an NIH-layout folder or a frame with `path`) to `out` in the NIH layout."
-    from cxr_pggan.data import CXRDataset
-    from cxr_pggan.archive import CSV_NAME, _to_png, _write_png
     out = Path(out)
     if int(batch_size) < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -227,16 +270,7 @@ def embed_images(encoder, generator, data, out, batch_size: int = 64, device=Non
     atomic_write(man, json.dumps(plan, indent=1))
     todo = [i for i, p in enumerate(targets) if not p.is_file()]
     G, E = G.to(device).eval(), E.to(device).eval()
-    if todo:
-        ds = CXRDataset(frame.iloc[todo], ident['resolution'], 1)
-        from cxr_pggan.core import cap_workers
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cap_workers(num_workers))
-        k = 0
-        with torch.no_grad():
-            for x, _ in progress(dl, desc=f'embed {len(todo)} images', unit='batch'):
-                y = G(E(x.to(device)).float()).float()
-                for img in y:
-                    _write_png(_to_png(img), targets[todo[k]]); k += 1
+    if todo: _write_embeddings(G, E, frame.iloc[todo], [targets[i] for i in todo], ident['resolution'], batch_size, device, num_workers)
     rows = frame[REQUIRED_COLUMNS].copy()
     rows['OriginalImage[Width'] = rows['Height]'] = ident['resolution']
     with atomic_path(csv) as tmp: rows.to_csv(tmp, index=False)
@@ -251,15 +285,12 @@ def embed_images(encoder, generator, data, out, batch_size: int = 64, device=Non
 def reconstruction_error(real: pd.DataFrame, embedded, resolution: int, classifier=None, generator=None,
                          n_random: int | None = None, seed: int = 0) -> dict:
     "Pixel MSE (real at `resolution` vs embedded PNG) and, with a `classifier`, FID_CXR real vs embedded (and vs `n_random` samples of `generator`)."
-    from cxr_pggan.data import CXRDataset
-    from cxr_pggan.metrics import FeatureSet, compute_metrics
     embedded = Path(embedded)
     emb_paths = [embedded / 'images' / n for n in real['Image Index']]
     ds_r = CXRDataset(real, resolution, 1); ds_e = CXRDataset(real.assign(path=[str(p) for p in emb_paths]), resolution, 1)
     mse = np.array([float(F.mse_loss(ds_r.load(i), ds_e.load(i))) for i in range(len(real))])
     out = dict(n=len(real), pixel_mse=float(mse.mean()), pixel_mse_sd=float(mse.std()))
     if classifier is not None:
-        from cxr_pggan.features import classifier_features, extract_features, set_features
         ext = classifier_features(classifier)
         fr = FeatureSet(extract_features(real['path'].tolist(), ext, desc='real'), meta=ext.meta, name='real')
         fe = FeatureSet(extract_features([str(p) for p in emb_paths], ext, desc='embedded'), meta=ext.meta, name='embedded')
@@ -283,6 +314,7 @@ def predictions_frame(test: pd.DataFrame, logits: dict) -> pd.DataFrame:
                                 pd.DataFrame(L, columns=LABELS), pd.DataFrame(Y, columns=[f'true_{l}' for l in LABELS])], axis=1))
     return pd.concat(parts, ignore_index=True)
 
+# %% ../nbs/12_synthetic_training.ipynb #8c7bf8e3
 def _model_arrays(pred: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray]:
     p = pred[pred['model'] == model].sort_values('Image Index', kind='stable')
     return p[[f'true_{l}' for l in LABELS]].to_numpy(np.float64), p[LABELS].to_numpy(np.float64)
@@ -314,6 +346,7 @@ def table2(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0, paper: dict | 
     t.insert(1, 'finding', [DISPLAY_NAMES.get(l, l) for l in t['label']])
     return t
 
+# %% ../nbs/12_synthetic_training.ipynb #3e908d4e
 def paired_differences(pred: pd.DataFrame, pairs=(('class_generated', 'embedded'), ('real', 'class_generated')),
                        n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
     "Macro-AUC differences a − b with paired percentile-bootstrap CIs (the same image resamples for both models)."
@@ -336,6 +369,7 @@ def paired_differences(pred: pd.DataFrame, pairs=(('class_generated', 'embedded'
                          excludes_zero=bool(lo > 0 or hi < 0), n_images=n, n_boot=n_boot))
     return pd.DataFrame(rows)
 
+# %% ../nbs/12_synthetic_training.ipynb #7b0135a1
 def order_sentence(t: pd.DataFrame, diffs: pd.DataFrame) -> str:
     "Whether the paper's order embedded < class_generated < real holds for the macro AUCs (and whether the paired CIs exclude 0)."
     m = t.set_index('label').loc['macro']
@@ -391,6 +425,7 @@ def table2_markdown(t: pd.DataFrame) -> str:
     for m in models: md[f"Paper: {m.replace('_', ' ')}"] = [f'{v:.3f}' if np.isfinite(v) else '—' for v in t[f'paper_{m}'].astype(float)]
     return md.to_markdown(index=False)
 
+# %% ../nbs/12_synthetic_training.ipynb #b2ab04e0
 def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int = 0, note: str = '', title: str = '',
                  prov: dict | None = None) -> dict:
     "Table 2, its predictions, the paired differences and the figure of `profile` (see above); `prov`: `write_provenance` arguments."
@@ -411,6 +446,21 @@ def write_table2(pred: pd.DataFrame, profile: str, n_boot: int = 1000, seed: int
         write_provenance(paths[k], **(prov | dict(extra=dict(note=note, order=sentence))))
     return dict(table=t, differences=diffs, sentence=sentence, paths=paths)
 
+# %% ../nbs/12_synthetic_training.ipynb #e738ec28
+def real_classifier_fits(path, splits) -> bool:
+    "True when the classifier at `path` was trained on the split file `splits` (as its provenance records)."
+    prov = Path(str(path) + '.provenance.json')
+    try: rec = json.loads(prov.read_text())
+    except (OSError, json.JSONDecodeError): return False
+    return (rec.get('inputs', {}).get('splits') or {}).get('sha256') == file_sha256(splits)
+
+# %% ../nbs/12_synthetic_training.ipynb #6c501065
+def val_fraction(fractions) -> float:
+    "The validation share of train + validation in the real split's `fractions` (0.1 / 0.8 for 70/10/20)."
+    f = [float(v) for v in fractions]
+    if len(f) < 3: raise ValueError(f"fractions {f}: Table 2 needs a train/val/test split of the real data (e.g. [0.7, 0.1, 0.2])")
+    return f[1] / (f[0] + f[1])
+
 # %% ../nbs/12_synthetic_training.ipynb #3c603286
 register_profile('synthetic',
     smoke=dict(gan='random', archive='random', archive_n=24, real_classifier='auto', encoder_steps=20, encoder_batch=16,
@@ -420,23 +470,9 @@ register_profile('synthetic',
     paper=dict(gan='auto', archive='auto', archive_n=78484, real_classifier='auto', encoder_steps=50000, encoder_batch=32,
                encoder_lr=1e-3, encoder_heldout=1024, encoder_eval_every=1000, encoder_precision='fp32', fid_random_n=10000));
 
-# %% ../nbs/12_synthetic_training.ipynb #3a2c69ae
-def real_classifier_fits(path, splits) -> bool:
-    "True when the classifier at `path` was trained on the split file `splits` (as its provenance records)."
-    prov = Path(str(path) + '.provenance.json')
-    try: rec = json.loads(prov.read_text())
-    except (OSError, json.JSONDecodeError): return False
-    return (rec.get('inputs', {}).get('splits') or {}).get('sha256') == file_sha256(splits)
-
-def val_fraction(fractions) -> float:
-    "The validation share of train + validation in the real split's `fractions` (0.1 / 0.8 for 70/10/20)."
-    f = [float(v) for v in fractions]
-    if len(f) < 3: raise ValueError(f"fractions {f}: Table 2 needs a train/val/test split of the real data (e.g. [0.7, 0.1, 0.2])")
-    return f[1] / (f[0] + f[1])
-
 # %% ../nbs/12_synthetic_training.ipynb #0e7af945
 def train_encoder_cli(argv: list[str]) -> int:
-    from cxr_pggan.core import section_params
+    "`cxr-pggan train-encoder`: train (or resume) the latent encoder of a GAN checkpoint with a profile's knobs."
     ap = CLIParser(prog='cxr-pggan train-encoder', description='Train (or resume) the latent encoder of a GAN checkpoint: '
                    "D's architecture with a latent-size head, MSE to z on fresh samples G(z). Kill it and run it again to resume.")
     ap.add_argument('--generator', required=True, help='GAN checkpoint (any format cxr-pggan reads; its D starts the encoder, its EMA G renders)')
@@ -456,7 +492,9 @@ def train_encoder_cli(argv: list[str]) -> int:
     print(json.dumps({k: r.get(k) for k in ('out', 'steps', 'heldout_mse', 'heldout_cos', 'precision', 'init_weights')}, default=str))
     return 0
 
+# %% ../nbs/12_synthetic_training.ipynb #3a887ff3
 def embed_cli(argv: list[str]) -> int:
+    "`cxr-pggan embed`: G(E(x)) for every real image of a folder, in the NIH layout, and the reconstruction error."
     ap = CLIParser(prog='cxr-pggan embed', description='Write G(E(x)) for every real image of an NIH-layout folder, keeping names, '
                    'patients and labels (so the real split applies); prints the reconstruction error. Resumable.')
     ap.add_argument('--encoder', required=True, help='encoder checkpoint from `cxr-pggan train-encoder`')
@@ -472,7 +510,6 @@ def embed_cli(argv: list[str]) -> int:
     ap.add_argument('--force', action='store_true', help='write into a non-empty --out folder beside its files (never changing them)')
     a = ap.parse_args(argv)
     check_device(a.device)
-    from cxr_pggan.data import load_folder
     frame = load_folder(a.data)
     r = embed_images(a.encoder, a.generator, frame, a.out, a.batch, a.device, a.force, a.allow_other_generator, a.trust_pickle, a.workers)
     err = reconstruction_error(frame, a.out, r['resolution'], classifier=a.classifier)
