@@ -199,7 +199,9 @@ def _check_admin(token) -> None:
 def admin_progress():
     "Every reader's progress as JSON: name, role, simulated, answered, items, last answer."
     _check_admin(request.args.get('token'))
-    return jsonify(readers=readers(current_app.config['DATABASE']).drop(columns='link').to_dict(orient='records'))
+    df = readers(current_app.config['DATABASE']).drop(columns='link')
+    df = df.astype(object).where(df.notna(), None)                     # a reader with no answer: null, never NaN (not JSON)
+    return jsonify(readers=df.to_dict(orient='records'))
 
 # %% ../nbs/13a_study_app.ipynb #ace38f8a
 @admin.get('/admin/admin.css')
