@@ -103,6 +103,7 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'reader_study': 'cxr_pggan.study',
     'synthetic': 'cxr_pggan.synthetic',
     'privacy': 'cxr_pggan.privacy',
+    'fidelity': 'cxr_pggan.fidelity',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
