@@ -91,6 +91,7 @@ def ws(tmp_path_factory):
     pd.DataFrame(dict(size=[32, 64], finding=['Mass', 'Mass'], usable=[False, True])).to_csv(ws / 'det.csv', index=False)
     pd.DataFrame(dict(a=[1])).to_csv(ws / 'notdet.csv', index=False)
     (ws / 'user.csv').write_text('a user file\n')
+    (ws / 'garbage.csv').write_bytes(bytes(range(256)) * 4)
     return ws
 
 
@@ -111,6 +112,7 @@ def test_fidelity_cli_works_on_an_archive_folder(ws, capsys):
     (['{ws}/arch', '--detectors', '{ws}/missing.csv'], ['--detectors', 'missing.csv', 'no such file']),
     (['{ws}/arch', '--detectors', '{ws}/notdet.csv'], ['--detectors', 'notdet.csv', 'not a detector table']),
     (['{ws}/arch', '--csv', '{ws}/user.csv'], ['user.csv']),
+    (['{ws}/arch', '--detectors', '{ws}/garbage.csv'], ['--detectors', 'garbage.csv', 'not a readable CSV']),
 ])
 def test_fidelity_cli_bad_inputs(ws, args, needles):
     before = tree(ws)
