@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'train-classifier': ('cxr_pggan.classifier:train_classifier_cli', 'train the 15-label classifier (DenseNet-121 or discriminator): Youden thresholds on val, test ROC AUC with CIs'),
     'fid':       ('cxr_pggan.fid:fid_cli', 'FID/KID (pytorch-fid-exact Inception, or FID_CXR classifier features) between two image sets; N printed with every FID'),
     'archive':   ('cxr_pggan.archive:archive_cli', 'labelled synthetic cohort in the NIH layout (resumable; shard with torchrun)'),
+    'fidelity':  ('cxr_pggan.fidelity:fidelity_cli', 'label fidelity of an archive on the phantom: share of images labelled with a finding that show it (pixel detectors)'),
     'reproduce': ('cxr_pggan.cli:reproduce_cli', 'run every paper notebook through papermill in a profile, writing outputs/'),
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
     'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent | privacy'),
@@ -102,6 +103,7 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'reader_study': 'cxr_pggan.study',
     'synthetic': 'cxr_pggan.synthetic',
     'privacy': 'cxr_pggan.privacy',
+    'fidelity': 'cxr_pggan.fidelity',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:

@@ -17,10 +17,11 @@ from .data import FINDINGS, LABELS, load_metadata, default_metadata_path, parse_
 # matplotlib is imported where the grid is drawn, `resource` (POSIX only) where the benchmark reads CPU times
 
 # %% auto #0
-__all__ = ['CP_EFFUSION_THRESHOLD', 'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'ENRICH_MAX_FOLLOW_UPS',
-           'GRID_KIND', 'PHANTOM_JSON_KIND', 'patient_anatomy', 'image_params', 'render_image', 'lung_masks', 'measure',
-           'sample_patients', 'render_phantom', 'phantom_complete', 'ensure_phantom', 'phantom_grid', 'phantom_cli',
-           'bench_phantom_cli']
+__all__ = ['CP_EFFUSION_THRESHOLD', 'DETECTED', 'DETECTOR_SIZES', 'DETECTOR_RENDER', 'CTR_CARDIOMEGALY', 'DETECTOR_THRESHOLDS',
+           'PHANTOM_VERSION', 'MANIFEST', 'NIH_COLUMNS', 'TRUTH_COLUMNS', 'ENRICH_MAX_FOLLOW_UPS', 'GRID_KIND',
+           'PHANTOM_JSON_KIND', 'patient_anatomy', 'image_params', 'render_image', 'lung_masks', 'measure',
+           'sample_patients', 'render_phantom', 'phantom_complete', 'ensure_phantom', 'wilson', 'detector_scores',
+           'detector_table', 'calibrate_detectors', 'phantom_grid', 'phantom_cli', 'bench_phantom_cli']
 
 # %% ../nbs/02_phantom.ipynb #a7bfbe8b
 _META_COLS = ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID', 'Patient Age', 'Patient Sex', 'View Position']
@@ -732,20 +733,101 @@ def _costophrenic(M, thorax, lateral_is_left: bool) -> float:
         return float(np.median(bottom[c])) if len(c) else float('nan')
     return (at(0.02, 0.07) - at(0.22, 0.30)) / thorax
 
+# %% ../nbs/02_phantom.ipynb #963cc1b1
+DETECTED = ['Cardiomegaly', 'Effusion', 'Pneumothorax', 'Mass', 'Nodule', 'Hernia', 'Emphysema', 'Atelectasis']   # findings with a pixel detector
+_DISK25 = np.add.outer(np.arange(-12, 13) ** 2, np.arange(-12, 13) ** 2) <= 144     # radius 12 at half the work size
+
+def _finding_scores(L, R, a) -> dict:
+    '''Pixel scores of six findings from the lung masks `L`, `R` and the normalised image `a` (256 wide), each in units of
+    the image's own soft-tissue/lung contrast, larger = more abnormal.'''
+    H, W = a.shape; both = L | R
+    sm = ndi.gaussian_filter(a, 1.0)
+    aL, fL, lL, _ = _rows(L); aR, fR, lR, _ = _rows(R)
+    rL, rR = np.flatnonzero(aL), np.flatnonzero(aR)
+    top, bot = min(rL[0], rR[0]), max(rL[-1], rR[-1]); hgt = max(bot - top, 1)
+    x0, x1 = fL[aL].min(), lR[aR].max(); thorax = x1 - x0 + 1
+    box = both[top:bot, x0:x1]
+    tissue = sm[top:bot, x0:x1][~box]
+    con = max(float(np.median(tissue)) - float(np.median(sm[both])), 0.05) if tissue.size else 0.3
+    S = {}
+    ptx = []                                              # pneumothorax: the rim of a lung darker than its core
+    for M in (L, R):
+        dt = ndi.distance_transform_edt(M); wl = dt.max()
+        outer, inner = M & (dt < 0.25 * wl) & (dt > 2), M & (dt > 0.5 * wl)
+        ptx.append((np.median(sm[inner]) - np.median(sm[outer])) / con if outer.any() and inner.any() else np.nan)
+    S['Pneumothorax'] = float(np.nanmax(ptx))
+    g = ndi.gaussian_filter(a[::2, ::2], 1.0)             # mass: a bright blob wider than vessels and ribs (white top-hat)
+    ero = ndi.binary_erosion(both[::2, ::2], iterations=2)
+    th = ndi.gaussian_filter(g - ndi.grey_opening(g, footprint=_DISK25), 2)
+    S['Mass'] = float(th[ero].max()) / con if ero.any() else np.nan
+    ero8 = ndi.binary_erosion(both, iterations=8)          # nodule: a small bright blob (difference of Gaussians)
+    dog = ndi.gaussian_filter(a, 2.5) - ndi.gaussian_filter(a, 6.0)
+    S['Nodule'] = float(dog[ero8].max()) / con if ero8.any() else np.nan
+    cL, cR = int(np.median(lL[aL][-(hgt // 3):])), int(np.median(fR[aR][-(hgt // 3):]))   # hernia: a bright mass at the heart's base
+    reg = ndi.gaussian_filter(a, 2.0)[int(top + 0.55 * hgt):min(H, bot + 5), max(0, min(cL, cR) - 10):max(cL, cR) + 10]
+    S['Hernia'] = (float(np.percentile(reg, 99)) - float(np.median(reg))) / con if reg.size else np.nan
+    def dome(M, lateral_left):                              # emphysema: low, flat domes -> tall lungs with flat bases
+        cols = np.flatnonzero(M.any(0)); wd = len(cols); bottom = H - 1 - np.argmax(M[::-1], 0)
+        cc = cols[int(0.3 * wd):int(0.8 * wd)] if lateral_left else cols[int(0.2 * wd):int(0.7 * wd)]
+        lat = bottom[cols[:max(2, wd // 10)]] if lateral_left else bottom[cols[-max(2, wd // 10):]]
+        return bottom[cc].min(), float(np.median(lat)), np.flatnonzero(M.any(1))[0]
+    (dL, latL, apL), (dR, latR, apR) = dome(L, True), dome(R, False)
+    height = ((dL + dR) / 2 - (apL + apR) / 2) / thorax; flat = ((latL - dL) + (latR - dR)) / 2 / thorax
+    S['Emphysema'] = float(height - flat)
+    hp = a - ndi.gaussian_filter(a, 4)                      # atelectasis: thin horizontal plates in the lower lungs
+    ridge = ndi.gaussian_filter(hp, (0.8, 5)) - ndi.gaussian_filter(hp, (5, 0.8))
+    low = both.copy(); low[:int(top + 0.5 * hgt)] = False; low = ndi.binary_erosion(low, iterations=3)
+    S['Atelectasis'] = float(ridge[low].max()) / con if low.any() else np.nan
+    return S
+
+
+# %% ../nbs/02_phantom.ipynb #7fb9b367
+DETECTOR_SIZES = (32, 64, 128)
+DETECTOR_RENDER = {32: 128, 64: 64, 128: 128}   # the render size each is measured on: 32² = the 128² render resized, as the GAN's training images
+CTR_CARDIOMEGALY = 0.5          # the clinical rule: cardiothoracic ratio above 0.5
+# Youden-optimal cuts of each score, calibrated by `calibrate_detectors` on a render the evaluation never sees
+# (600 images, seed 1, enrich 1; 32² = the 128² render resized): see "Sensitivity and specificity" below
+DETECTOR_THRESHOLDS = {
+    32: {'Pneumothorax': -0.1037, 'Mass': 0.2913, 'Nodule': 0.0497, 'Hernia': 0.3039, 'Emphysema': 0.3895, 'Atelectasis': 0.084},
+    64: {'Pneumothorax': 0.051, 'Mass': 0.485, 'Nodule': 0.1635, 'Hernia': 0.3055, 'Emphysema': 0.3813, 'Atelectasis': 0.2135},
+    128: {'Pneumothorax': 0.0161, 'Mass': 0.4372, 'Nodule': 0.1912, 'Hernia': 0.302, 'Emphysema': 0.3847, 'Atelectasis': 0.2853},
+}
+
+def _nearest_size(width: int) -> int:
+    "The calibrated size nearest `width` (on a log scale); larger images use the largest."
+    return min(DETECTOR_SIZES, key=lambda s: abs(math.log(max(width, 1) / s)))
+
+def _detect(L, R, a, width: int, m: dict) -> dict:
+    "Scores and decisions of every detector (`None` where the lungs, or for Cardiomegaly the heart borders, are not found)."
+    if L is None: return dict(scores={f: float('nan') for f in DETECTED}, findings={f: None for f in DETECTED})
+    S = _finding_scores(L, R, a); thr = DETECTOR_THRESHOLDS[_nearest_size(width)]
+    S['Cardiomegaly'] = m['ctr']
+    S['Effusion'] = -min(m['cp_right'], m['cp_left']) if np.isfinite([m['cp_right'], m['cp_left']]).all() else float('nan')
+    cut = dict(thr, Cardiomegaly=CTR_CARDIOMEGALY, Effusion=-CP_EFFUSION_THRESHOLD)
+    return dict(scores={f: float(S[f]) for f in DETECTED}, findings={f: bool(S[f] > cut[f]) if np.isfinite(S[f]) else None for f in DETECTED})
+
+
 # %% ../nbs/02_phantom.ipynb #a1acbd37
-def measure(image) -> dict:
+def measure(image, findings: bool = False) -> dict:
     """Recover from pixels alone the cardiothoracic ratio and signs of pleural effusion.
     `image`: a path or a 2-D array (uint8 or float). Returns a dict with ctr, heart/thorax widths (pixels at 256 wide),
-    the costophrenic features per side and `effusion` (bool); values are NaN / None when the lungs are not found."""
-    L, R, a = lung_masks(image)
+    the costophrenic features per side and `effusion` (bool); values are NaN / None when the lungs are not found.
+    `findings=True` adds `scores` and `findings` ({finding: True/False, None when not measurable}) of every detector of `DETECTED`."""
+    g = _as_gray(image)
+    L, R, a = lung_masks(g)
     out = dict(ctr=float('nan'), heart_px=float('nan'), thorax_px=float('nan'), cp_right=float('nan'), cp_left=float('nan'),
                effusion=None, effusion_right=None, effusion_left=None, lungs_found=L is not None)
-    if L is None: return out
+    if L is not None: _ctr_effusion(L, R, a, out)
+    if findings: out.update(_detect(L, R, a, g.shape[1], out))
+    return out
+
+def _ctr_effusion(L, R, a, out: dict) -> None:
+    "Fill `out` with the cardiothoracic ratio and the effusion features of the lung masks `L`, `R` of the normalised image `a`."
     aL, fL, lL, sL = _rows(L); aR, fR, lR, sR = _rows(R)
     thorax = lR[aR].max() - fL[aL].min() + 1
     sm = ndi.gaussian_filter(a, 1.0)
     vl = _heart_rows(L, aL, sL, lL, True, sm); vr = _heart_rows(R, aR, sR, fR, False, sm)
-    if not vl.any() or not vr.any(): return out
+    if not vl.any() or not vr.any(): return
     heart = fR[vr].max() - lL[vl].min() - 1
     out.update(ctr=float(heart / thorax), heart_px=float(heart), thorax_px=float(thorax))
     out['cp_right'] = _costophrenic(L, thorax, True)          # image-left lung: the patient's right
@@ -753,7 +835,7 @@ def measure(image) -> dict:
     out['effusion_right'] = bool(out['cp_right'] < CP_EFFUSION_THRESHOLD)
     out['effusion_left'] = bool(out['cp_left'] < CP_EFFUSION_THRESHOLD)
     out['effusion'] = out['effusion_right'] or out['effusion_left']
-    return out
+
 
 # %% ../nbs/02_phantom.ipynb #12c1516d
 PHANTOM_VERSION = 1
@@ -913,6 +995,61 @@ def ensure_phantom(n: int, size: int = 256, seed: int = 0, root=None, workers: i
     folder = (Path(root) if root is not None else data_dir()) / name
     if phantom_complete(folder, n, size, seed, enrich): return folder
     return render_phantom(folder, n, size, seed, workers=workers, quiet=quiet, enrich=enrich)
+
+# %% ../nbs/02_phantom.ipynb #02de972a
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    "Wilson score 95 % interval of `k` successes in `n` trials ((NaN, NaN) when n = 0)."
+    if n <= 0: return (float('nan'), float('nan'))
+    p = k / n; d = 1 + z * z / n; c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+def _truth(labels: pd.Series, f: str) -> np.ndarray:
+    return labels.astype(str).str.split('|').map(lambda s: f in s).to_numpy(bool)
+
+def _hits(col) -> np.ndarray:
+    "Detections as booleans: not measurable (None/NaN) counts as not detected."
+    return np.array([v is True or (isinstance(v, (bool, np.bool_)) and bool(v)) for v in col], bool)
+
+def detector_scores(folder, size: int, n: int | None = None) -> pd.DataFrame:
+    "Every detector's score and decision on the first `n` images of a phantom `folder`, resized to `size`, with their labels (the render truth)."
+    folder = Path(folder); df = pd.read_csv(folder / 'Data_Entry_2017.csv', usecols=['Image Index', 'Finding Labels'])
+    if n is not None: df = df.head(int(n))
+    rows = []
+    for name, lab in progress(list(zip(df['Image Index'], df['Finding Labels'])), desc=f'detectors {size}px', unit='img', leave=False):
+        with Image.open(folder / 'images' / name) as im:
+            im = im.convert('L'); a = np.asarray(im if im.size[0] == size else im.resize((size, size), Image.BILINEAR))
+        m = measure(a, findings=True)
+        rows.append({'Image Index': name, 'labels': lab, 'lungs_found': m['lungs_found'],
+                     **{f'score_{f}': m['scores'][f] for f in DETECTED}, **m['findings']})
+    return pd.DataFrame(rows)
+
+def detector_table(scores: dict, usable_at: float = 0.8) -> pd.DataFrame:
+    """Per size (the keys of `scores`, frames of `detector_scores`) and finding: positives, negatives, sensitivity and
+    specificity with Wilson 95 % intervals, and `usable` = both at least `usable_at` (an image not measurable = not detected)."""
+    rows = []
+    for size, d in scores.items():
+        for f in DETECTED:
+            y, hit = _truth(d['labels'], f), _hits(d[f])
+            tp, fn, tn, fp = int((y & hit).sum()), int((y & ~hit).sum()), int((~y & ~hit).sum()), int((~y & hit).sum())
+            se = tp / (tp + fn) if tp + fn else float('nan'); sp = tn / (tn + fp) if tn + fp else float('nan')
+            (sl, sh), (pl, ph) = wilson(tp, tp + fn), wilson(tn, tn + fp)
+            rows.append(dict(size=int(size), finding=f, positives=tp + fn, negatives=tn + fp, sensitivity=se, sens_lo=sl, sens_hi=sh,
+                             specificity=sp, spec_lo=pl, spec_hi=ph, usable=bool(se >= usable_at and sp >= usable_at)))
+    return pd.DataFrame(rows)
+
+def calibrate_detectors(d: pd.DataFrame) -> dict:
+    "The Youden-optimal threshold (max sensitivity + specificity) of each score of `_finding_scores` on the frame `d` of `detector_scores`."
+    out = {}
+    for f in DETECTED:
+        if f in ('Cardiomegaly', 'Effusion'): continue               # fixed rules, not calibrated
+        s = d[f'score_{f}'].to_numpy(float); y = _truth(d['labels'], f); ok = np.isfinite(s); s, y = s[ok], y[ok]
+        u = np.unique(s); mids = (u[1:] + u[:-1]) / 2
+        if not len(mids) or y.all() or not y.any(): out[f] = float('nan'); continue
+        j = (s[y][:, None] > mids).mean(0) + (s[~y][:, None] <= mids).mean(0)
+        out[f] = round(float(mids[np.argmax(j)]), 4)
+    return out
+
 
 # %% ../nbs/02_phantom.ipynb #6ca22112
 GRID_KIND = 'phantom grid'   # the provenance kind of `phantom --grid` (and of the notebook's grid figure)
