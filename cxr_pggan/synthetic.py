@@ -379,8 +379,8 @@ def _feature_extractor(features: str, classifier=None, inception_weights=None):
     "The extractor of the feature term (None for 'none'): the classifier's penultimate features, or the FID Inception's."
     if features == 'none': return None
     if features == 'classifier':
-        if classifier is None: raise ValueError("recon_features 'classifier' needs a classifier checkpoint (--classifier C.pt); "
-                                                "or set recon_features=inception or none")
+        if classifier is None: raise ValueError("recon_features 'classifier' (with recon_feature_weight > 0) needs a classifier checkpoint: "
+                                                "pass --classifier C.pt, or --set recon_feature_weight=0 for the pixel loss only (or recon_features=inception)")
         return classifier_features(classifier)
     from cxr_pggan.features import fid_inception
     return fid_inception(inception_weights)
