@@ -97,3 +97,23 @@ def test_resuming_with_other_settings_is_refused(rws, tmp_path):
                   '--set', 'recon_restarts=2', '--set', 'recon_lr=0.5'),
               str(out / 'embed.json'), 'settings', 'use a new --out folder')
     assert tree(out) == before
+
+
+@pytest.mark.slow
+def test_embed_reconstruction_survives_kill_9(rws, tmp_path):
+    "A real SIGKILL during `cxr-pggan embed --method reconstruction`, then the same command: the uninterrupted run's latents and PNGs."
+    import os, signal, subprocess, sys, time
+    env = dict(os.environ, TQDM_DISABLE='1', OMP_NUM_THREADS='1', CXR_PGGAN_OUTPUTS=str(tmp_path / 'outputs'))
+    args = [sys.executable, '-m', 'cxr_pggan', 'embed', '--method', 'reconstruction', '--generator', str(rws['gan']), '--data', str(rws['user']),
+            '--profile', 'smoke', '--set', 'recon_feature_weight=0', '--set', 'recon_steps=400', '--batch', '2']
+    assert subprocess.run(args + ['--out', str(tmp_path / 'ref')], env=env, capture_output=True).returncode == 0
+    p = subprocess.Popen(args + ['--out', str(tmp_path / 'k')], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (tmp_path / 'k' / 'latents' / 'batch_000000.pt').is_file() and time.time() - t0 < 300: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert not (tmp_path / 'k' / 'latents.npy').exists()                                # killed before the end
+    r = subprocess.run(args + ['--out', str(tmp_path / 'k')], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert json.loads(r.stdout.splitlines()[-1])['written_this_run'] < 10
+    assert np.array_equal(np.load(tmp_path / 'ref' / 'latents.npy'), np.load(tmp_path / 'k' / 'latents.npy'))
+    assert [v for _, v in sorted(tree(tmp_path / 'ref' / 'images').items())] == [v for _, v in sorted(tree(tmp_path / 'k' / 'images').items())]
