@@ -17,14 +17,14 @@ def _test_frame(n=60, seed=0):
     return pd.DataFrame(Y, columns=LABELS).assign(**{'Image Index': [f'{i:08d}_000.png' for i in range(n)], 'Patient ID': np.arange(n)})
 
 
-def _pred(test, seed=0, gains=(0.2, 1.0, 2.5)):
+def _pred(test, seed=0, gains=(0.2, 0.6, 1.0, 2.5), models=S.COLUMNS):
     rng = np.random.default_rng(seed + 1)
     Y = test[LABELS].to_numpy()
-    return S.predictions_frame(test, {m: Y * g + rng.normal(0, 1, Y.shape).astype(np.float32) for m, g in zip(S.MODELS, gains)})
+    return S.predictions_frame(test, {m: Y * g + rng.normal(0, 1, Y.shape).astype(np.float32) for m, g in zip(models, gains)})
 
 
 def test_every_auc_of_the_written_table_recomputes_with_sklearn():
-    "The files as written: every AUC of table2_<p>.csv equals scikit-learn's on table2_<p>_predictions.csv."
+    "The files as written: every AUC of table2_<p>.csv, all four columns, equals scikit-learn's on table2_<p>_predictions.csv."
     test = _test_frame()
     w = S.write_table2(_pred(test), 'pytest', n_boot=100, seed=0, note='random scores')
     pred = pd.read_csv(w['paths']['predictions'], dtype={'Image Index': str})
@@ -32,7 +32,8 @@ def test_every_auc_of_the_written_table_recomputes_with_sklearn():
     assert list(pred.columns[:3]) == ['Image Index', 'Patient ID', 'model']
     assert list(pred.columns[3:18]) == LABELS and list(pred.columns[18:]) == [f'true_{l}' for l in LABELS]
     checked = 0
-    for m in S.MODELS:
+    assert sorted(pred.model.unique()) == sorted(S.COLUMNS) == sorted(S.MODELS + ('reconstruction',))
+    for m in S.COLUMNS:
         q = pred[pred.model == m]
         assert len(q) == len(test)
         per_label = []
@@ -46,16 +47,20 @@ def test_every_auc_of_the_written_table_recomputes_with_sklearn():
         lo, hi = tab.loc['macro', f'{m}_ci_low'], tab.loc['macro', f'{m}_ci_high']
         assert lo <= tab.loc['macro', m] <= hi
         assert np.isnan(tab.loc['Mass', f'{m}_ci_low'])                  # fewer than 5 positives: no CI
-    assert checked == 3 * 14
+    assert checked == 4 * 14
+    assert np.isnan(tab.loc['macro', 'paper_reconstruction'])                 # the paper gives no AUC for it
     assert tab.loc['macro', 'paper_class_generated'] == 0.878 and tab[['paper_real']].iloc[:-1].isna().all().all()
     md = w['paths']['markdown'].read_text()
-    assert 'macro mean AUC only' in md and 'holds here' in md
+    assert 'macro mean AUC only' in md and 'holds here' in md and '| Reconstruction ' in md
+    d = pd.read_csv(w['paths']['differences']).set_index('difference')           # paired differences against embedded and class_generated
+    assert {'reconstruction - embedded', 'class_generated - reconstruction'} <= set(d.index)
+    assert 'Reconstruction (no published AUC)' in w['sentence']
     for k in ('predictions', 'table', 'markdown', 'figure'): assert Path(str(w['paths'][k]) + '.provenance.json').is_file()
 
 
 def test_paired_differences():
     test = _test_frame(80)
-    pred = _pred(test, gains=(1.0, 1.0, 3.0))
+    pred = _pred(test, gains=(1.0, 1.0, 3.0), models=S.MODELS)
     same = pred[pred.model == 'embedded'].assign(model='class_generated')        # identical scores: difference exactly 0
     pred = pd.concat([pred[pred.model != 'class_generated'], same])
     d = S.paired_differences(pred, n_boot=200).set_index('difference')
