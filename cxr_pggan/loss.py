@@ -5,13 +5,13 @@
 # %% ../nbs/05a_loss.ipynb #8be97575
 from __future__ import annotations
 import contextlib
-import torch, torch.distributed as dist
+import torch, torch.distributed as dist, torch.nn.functional as F
 from fastcore.basics import patch
 from .core import resolve_precision
 
 # %% auto #0
 __all__ = ['LOSSES', 'd_loss_wgangp', 'g_loss_wgan', 'ema_update', 'allreduce_grads', 'optimizer_step', 'GANStep',
-           'register_loss', 'WGANGP', 'make_step']
+           'register_loss', 'WGANGP', 'make_step', 'd_loss_nonsat', 'g_loss_nonsat', 'NonSaturating']
 
 # %% ../nbs/05a_loss.ipynb #63e4b12e
 def d_loss_wgangp(D, real, fake, lambda_gp: float = 10.0, drift: float = 1e-3, generator=None, autocast=None, D_gp=None, scaler=None):
@@ -43,9 +43,11 @@ def g_loss_wgan(D, fake, autocast=None):
 # %% ../nbs/05a_loss.ipynb #5fe64748
 @torch.no_grad()
 def ema_update(G_ema, G, beta: float = 0.999):
-    "G_ema ← β·G_ema + (1-β)·G for every parameter."
+    """G_ema ← β·G_ema + (1-β)·G for every parameter; buffers (a DCGAN's BatchNorm running statistics) are copied from G,
+    as stylegan2-ada-pytorch's `training_loop` does, since they are not trained."""
     pe, pg = list(G_ema.parameters()), list(G.parameters())
     torch._foreach_lerp_(pe, pg, 1.0 - beta)
+    for be, b in zip(G_ema.buffers(), G.buffers()): be.copy_(b)
 
 # %% ../nbs/05a_loss.ipynb #fc3a9edd
 def allreduce_grads(params, world: int):
@@ -144,3 +146,24 @@ def make_step(loss: str, *args, **kwargs) -> GANStep:
     "The step object of the loss named `loss` (a key of `LOSSES`), built with `GANStep`'s arguments."
     if loss not in LOSSES: raise ValueError(f"loss {loss!r}: no such loss; choose one of {', '.join(LOSSES)}")
     return LOSSES[loss](*args, **kwargs)
+
+# %% ../nbs/05a_loss.ipynb #74fd8abe
+def d_loss_nonsat(D, real, fake, autocast=None):
+    """Critic loss and its parts (detached): softplus(-D(real)) + softplus(D(fake)), the binary cross-entropy of the logits.
+    `wdist` logs the score gap E[D(real)] - E[D(fake)], as the WGAN-GP's log does."""
+    with (autocast or contextlib.nullcontext)():
+        d_real = D(real).float(); d_fake = D(fake).float()
+    loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    return loss, dict(loss_D=loss.detach(), wdist=(d_real.mean() - d_fake.mean()).detach())
+
+# %% ../nbs/05a_loss.ipynb #9c3d29c5
+def g_loss_nonsat(D, fake, autocast=None):
+    "Non-saturating generator loss softplus(-D(G(z))) = -log sigmoid(D(G(z)))."
+    with (autocast or contextlib.nullcontext)(): return F.softplus(-D(fake).float()).mean()
+
+# %% ../nbs/05a_loss.ipynb #3b7884e8
+@register_loss('nonsat')
+class NonSaturating(GANStep):
+    "The DCGAN's loss (Radford et al. 2016): the original GAN's binary cross-entropy, non-saturating for G."
+    def d_loss(self, real, fake): return d_loss_nonsat(self.fD, real, fake, self.autocast)
+    def g_loss(self, fake): return g_loss_nonsat(self.fD, fake, self.autocast)

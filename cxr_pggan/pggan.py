@@ -14,11 +14,13 @@ from .core import (CLIParser, atomic_path, check_all_writable, check_device, che
                             payload_digest, positive_int, progress, torch_load, write_provenance)
 
 # %% auto #0
-__all__ = ['ARCHS', 'FORMAT', 'MAX_GENERATE', 'CONVERTED_KIND', 'depth_table', 'PGGANConfig', 'make_config', 'EqualizedConv2d',
-           'EqualizedLinear', 'pixel_norm', 'upsample2', 'MinibatchStd', 'Generator', 'Discriminator', 'PretrainedGAN',
-           'save_pggan', 'UntrustedPickleError', 'load_pretrained', 'check_reference', 'to_unit', 'from_unit',
-           'to_uint8', 'z_chunks', 'sample_z', 'ImageGenerator', 'as_image_generator', 'sample_images', 'generate',
-           'origin_train_split', 'convert_weights', 'convert_weights_cli', 'generate_cli']
+__all__ = ['ARCHS', 'DCGAN_NORMS', 'FORMAT', 'MAX_GENERATE', 'CONVERTED_KIND', 'depth_table', 'PGGANConfig', 'make_config',
+           'EqualizedConv2d', 'EqualizedLinear', 'pixel_norm', 'upsample2', 'MinibatchStd', 'Generator',
+           'Discriminator', 'DCGANConfig', 'config_from_dict', 'DCGANGenerator', 'DCGANDiscriminator',
+           'network_classes', 'PretrainedGAN', 'save_pggan', 'UntrustedPickleError', 'load_pretrained',
+           'check_reference', 'to_unit', 'from_unit', 'to_uint8', 'z_chunks', 'sample_z', 'ImageGenerator',
+           'as_image_generator', 'sample_images', 'generate', 'origin_train_split', 'convert_weights',
+           'convert_weights_cli', 'generate_cli']
 
 # %% ../nbs/05_pggan.ipynb #703ca87e
 def depth_table(resolution: int = 1024, fmap_base: int = 8192, fmap_max: int = 512, fmap_min: int = 1) -> list[int]:
@@ -255,22 +257,141 @@ class Discriminator(_Progressive):
         x = F.leaky_relu(self.dense(x.flatten(1)), c.leak)
         return self.out(x)
 
+# %% ../nbs/05_pggan.ipynb #820c4506
+DCGAN_NORMS = ('batch', 'none')
+
+@dataclass
+class DCGANConfig:
+    "Everything needed to rebuild a DCGAN G/D pair (plain JSON-able data); `model` tells the checkpoint reader which family."
+    latent_dim: int = 100
+    channels: int = 1
+    resolution: int = 64
+    width: int = 64
+    fmap_max: int = 512
+    d_norm: str = 'batch'
+    leak: float = 0.2
+    output_range: tuple = (-1.0, 1.0)
+    model: str = 'dcgan'
+
+    def __post_init__(self):
+        self.output_range = tuple(float(v) for v in self.output_range)
+        r = self.resolution
+        if not isinstance(r, int) or r < 8 or r & (r - 1): raise ValueError(f"DCGAN resolution must be a power of two >= 8, got {r!r}")
+        if self.d_norm not in DCGAN_NORMS: raise ValueError(f"d_norm must be one of {DCGAN_NORMS}, got {self.d_norm!r}")
+        if self.channels not in (1, 3): raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if self.model != 'dcgan': raise ValueError(f"DCGANConfig.model is 'dcgan', got {self.model!r}")
+        if min(self.width, self.fmap_max, self.latent_dim) < 1: raise ValueError("width, fmap_max and latent_dim must be >= 1")
+
+    arch = 'dcgan'                                       # what `meta['arch']` records (the PGGAN's layer convention otherwise)
+    @property
+    def depths(self) -> list[int]:
+        "Feature maps of G at 4², 8², …, R/2² (D the same, mirrored): `width` next to the image, doubling per halving, at most `fmap_max`."
+        return [int(min(self.width * self.resolution // (2 * s), self.fmap_max)) for s in (4 * 2 ** i for i in range(int(math.log2(self.resolution)) - 2))]
+    @property
+    def max_resolution(self) -> int: return self.resolution
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self); d['output_range'] = list(self.output_range); return d
+    @classmethod
+    def from_dict(cls, d: dict) -> 'DCGANConfig':
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(d) - known
+        if bad: raise ValueError(f"DCGANConfig: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
+        return cls(**d)
+
+# %% ../nbs/05_pggan.ipynb #a683c66f
+def config_from_dict(d: dict) -> PGGANConfig | DCGANConfig:
+    "The network config a checkpoint records: a `DCGANConfig` when it says `model='dcgan'`, else a `PGGANConfig`."
+    return DCGANConfig.from_dict(d) if d.get('model') == 'dcgan' else PGGANConfig.from_dict(d)
+
+# %% ../nbs/05_pggan.ipynb #ce334cf2
+class _Fixed(nn.Module):
+    "What DCGAN G and D share with the progressive pair's interface: one fixed resolution, alpha always 1, activation checkpointing."
+    checkpointing = False
+    def _init_fixed(self, cfg, resolution):
+        if resolution is not None and resolution != cfg.resolution:
+            raise ValueError(f"a DCGAN has one resolution ({cfg.resolution}²); cannot build it at {resolution}²")
+        self.cfg = cfg
+        self.register_buffer('alpha', torch.ones(()), persistent=False)
+        self.fading = False
+    @property
+    def resolution(self) -> int: return self.cfg.resolution
+    @property
+    def level(self) -> int: return int(math.log2(self.cfg.resolution)) - 2
+    def set_alpha(self, alpha: float):
+        "A DCGAN has no fade-in: only alpha 1 is valid."
+        if float(alpha) != 1.0: raise ValueError(f"a DCGAN does not fade in: alpha must be 1, got {alpha}")
+        return self
+    def set_checkpointing(self, on: bool = True):
+        "Recompute each block in backward (as the PGGAN's); BatchNorm's running statistics then see the block twice."
+        self.checkpointing = bool(on); return self
+    def _block(self, b, x):
+        if self.checkpointing and torch.is_grad_enabled(): return torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+        return b(x)
+    def grow(self): raise ValueError(f"a DCGAN has one resolution ({self.cfg.resolution}²); it does not grow")
+    def grow_to(self, resolution: int):
+        if resolution != self.cfg.resolution: self.grow()
+        return self
+
+def _dcgan_init(m):
+    "Radford et al.'s initialisation: convolutions N(0, 0.02), BatchNorm scale N(1, 0.02) and shift 0."
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None: nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d): nn.init.normal_(m.weight, 1.0, 0.02); nn.init.zeros_(m.bias)
+
+# %% ../nbs/05_pggan.ipynb #6fef757c
+class DCGANGenerator(_Fixed):
+    "DCGAN generator: z (N×latent) -> image (N×channels×R×R) in (-1, 1) (tanh)."
+    def __init__(self, cfg: DCGANConfig, resolution: int | None = None):
+        super().__init__(); self._init_fixed(cfg, resolution)
+        d = cfg.depths
+        self.stem = nn.Sequential(nn.ConvTranspose2d(cfg.latent_dim, d[0], 4, 1, 0, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU())
+        self.blocks = nn.ModuleList([nn.Sequential(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
+                                     for a, b in zip(d[:-1], d[1:])])
+        self.to_rgb = nn.ConvTranspose2d(d[-1], cfg.channels, 4, 2, 1, bias=False)
+        self.apply(_dcgan_init)
+    def forward(self, z):
+        x = self.stem(z.reshape(z.shape[0], -1, 1, 1))
+        for b in self.blocks: x = self._block(b, x)
+        return torch.tanh(self.to_rgb(x))
+
+# %% ../nbs/05_pggan.ipynb #dec6ad29
+class DCGANDiscriminator(_Fixed):
+    "DCGAN critic: image (N×channels×R×R) -> score (N×1); BatchNorm after every strided convolution but the first unless `d_norm='none'`."
+    def __init__(self, cfg: DCGANConfig, resolution: int | None = None):
+        super().__init__(); self._init_fixed(cfg, resolution)
+        d, bn = cfg.depths, cfg.d_norm == 'batch'
+        self.from_rgb = nn.Sequential(nn.Conv2d(cfg.channels, d[-1], 4, 2, 1), nn.LeakyReLU(cfg.leak))
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(b, a, 4, 2, 1, bias=not bn), nn.BatchNorm2d(a) if bn else nn.Identity(),
+                                                   nn.LeakyReLU(cfg.leak)) for a, b in zip(d[-2::-1], d[:0:-1])])
+        self.out = nn.Conv2d(d[0], 1, 4, 1, 0)
+        self.apply(_dcgan_init)
+    def forward(self, img):
+        x = self.from_rgb(img)
+        for b in self.blocks: x = self._block(b, x)
+        return self.out(x).flatten(1)
+
+# %% ../nbs/05_pggan.ipynb #ceaca330
+def network_classes(cfg) -> tuple[type, type]:
+    "`(generator class, critic class)` of a network config (`PGGANConfig` or `DCGANConfig`)."
+    return (DCGANGenerator, DCGANDiscriminator) if isinstance(cfg, DCGANConfig) else (Generator, Discriminator)
+
 # %% ../nbs/05_pggan.ipynb #0b78a18b
 FORMAT = 'cxr_pggan.pggan/v1'
 
 @dataclass
 class PretrainedGAN:
     "Networks loaded from a checkpoint (`None` where the file has none) and a JSON-able `meta` record."
-    G: Generator | None
-    D: Discriminator | None
-    G_ema: Generator | None
+    G: Generator | DCGANGenerator | None
+    D: Discriminator | DCGANDiscriminator | None
+    G_ema: Generator | DCGANGenerator | None
     meta: dict
     @property
     def sampler(self) -> Generator:
         "The generator to sample from: the EMA generator when present."
         return self.G_ema if self.G_ema is not None else self.G
     @property
-    def config(self) -> PGGANConfig: return PGGANConfig.from_dict(self.meta['config'])
+    def config(self) -> PGGANConfig | DCGANConfig: return config_from_dict(self.meta['config'])
 
 # %% ../nbs/05_pggan.ipynb #9ae10ec7
 def _meta(cfg, resolution, alpha, source_format, **kw):
@@ -404,7 +525,7 @@ def _cfg_get(cfg, key, default=None):
 
 # %% ../nbs/05_pggan.ipynb #c77755bd
 def _build(cls, cfg, sd, alpha, what, path):
-    res = 4 * 2 ** _count(sd, 'blocks.')
+    res = cfg.resolution if isinstance(cfg, DCGANConfig) else 4 * 2 ** _count(sd, 'blocks.')
     net = cls(cfg, res)
     try: net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -416,10 +537,11 @@ def _scalar(v, default=0.0):
     return float(v.item() if torch.is_tensor(v) else v)
 
 def _read_ours(ck: dict, path, src: dict) -> tuple[dict, dict]:
-    "Networks and meta of a file in our format (`save_pggan`, `convert-weights`, training)."
+    "Networks and meta of a file in our format (`save_pggan`, `convert-weights`, training), PGGAN or DCGAN."
     if ck['format'] != FORMAT: raise ValueError(f"{path}: format {ck['format']!r} is not {FORMAT!r}; upgrade cxr_pggan")
-    cfg = PGGANConfig.from_dict(ck['config']); a = float(ck.get('alpha', 1.0))
-    nets = {k: (_build(Discriminator if k == 'D' else Generator, cfg, ck[k], a, k, path) if k in ck else None)
+    cfg = config_from_dict(ck['config']); a = float(ck.get('alpha', 1.0))
+    Gc, Dc = network_classes(cfg)                                   # a PGGAN or a DCGAN, as the file records
+    nets = {k: (_build(Dc if k == 'D' else Gc, cfg, ck[k], a, k, path) if k in ck else None)
             for k in ('G', 'D', 'G_ema')}
     meta = {**ck.get('meta', {}), **_meta(cfg, ck['resolution'], a, ck.get('meta', {}).get('source_format', 'cxr_pggan')),
             'file': src, 'origin': ck.get('meta', {}).get('origin')}
@@ -561,7 +683,7 @@ class ImageGenerator(nn.Module):
 def as_image_generator(G, latent_dim: int | None = None, output_range=None, trust_pickle: bool = False,
                        use_ema: bool = True) -> ImageGenerator:
     """An `ImageGenerator` from a checkpoint path (any format `load_pretrained` reads), a `PretrainedGAN`, a
-    `Generator` or a callable (then give `latent_dim` and `output_range`). Checkpoints give their EMA generator
+    `Generator` (PGGAN or DCGAN) or a callable (then give `latent_dim` and `output_range`). Checkpoints give their EMA generator
     when they have one (`use_ema=False`: the raw G)."""
     if isinstance(G, ImageGenerator): return G
     if isinstance(G, (str, Path)):
@@ -574,7 +696,7 @@ def as_image_generator(G, latent_dim: int | None = None, output_range=None, trus
         w = dict(path=str(path or f.get('path')), sha256=f.get('sha256'), source_format=G.meta['source_format'],
                  network='G_ema' if net is G.G_ema else 'G', resolution=G.meta['resolution'], origin=G.meta.get('origin'))
         return ImageGenerator(net.eval(), G.meta['latent_dim'], G.meta['output_range'], w)
-    if isinstance(G, Generator):
+    if isinstance(G, (Generator, DCGANGenerator)):
         return ImageGenerator(G, latent_dim or G.cfg.latent_dim, output_range or G.cfg.output_range)
     if callable(G):
         if latent_dim is None or output_range is None:
