@@ -17,22 +17,22 @@ from .core import (BENCH_KIND, CLIParser, CorruptFileError, PRECISIONS, PROFILE_
                             file_sha256, knob_names, on_kaggle, outputs_dir, parse_duration, parse_sets, progress, register_profile,
                             resolve_precision, section_params, seed_everything, torch_load, write_bench_json, write_provenance)
 from .data import CXRDataset, check_image_sizes, load_folder, load_splits
-from .experiment import artifact, dataset_splits, resolve_dataset
-from .loss import GANStep, make_step
-from .pggan import (ARCHS, Discriminator, Generator, PGGANConfig, from_unit, load_pretrained, make_config,
-                             origin_train_split, save_pggan, to_unit, upsample2)
+from .experiment import ARTIFACTS, artifact, dataset_splits, resolve_dataset
+from .loss import LOSSES, GANStep, make_step
+from .pggan import (ARCHS, DCGANConfig, Discriminator, Generator, PGGANConfig, from_unit, load_pretrained, make_config,
+                             network_classes, origin_train_split, save_pggan, to_unit, upsample2)
 
 # %% auto #0
-__all__ = ['CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'SUMMARY_KIND', 'level_of', 'make_schedule', 'phase_at',
-           'worker_processes', 'TrainConfig', 'init_distributed', 'run_place', 'run_folders', 'index_batches',
-           'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split', 'gan_training_split',
-           'gan_saw_split', 'RealImages', 'training_images', 'build_networks', 'grow_networks', 'make_optimizers',
-           'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta', 'save_train_checkpoint',
-           'check_checkpoint', 'find_checkpoint', 'restore_checkpoint', 'continue_log', 'broadcast_params',
-           'distribute', 'RunState', 'setup_run', 'enter_phase', 'NonFiniteLossError', 'train_step', 'log_step',
-           'save_grid', 'save_checkpoint', 'save_samples', 'save_when_due', 'out_of_time', 'stop_message',
+__all__ = ['MODELS', 'CKPT_GLOB', 'LOG_FIELDS', 'ARCH_KEYS', 'EDGE_FIELDS', 'DCGAN_KNOBS', 'SUMMARY_KIND', 'level_of',
+           'make_schedule', 'phase_at', 'worker_processes', 'TrainConfig', 'init_distributed', 'run_place',
+           'run_folders', 'index_batches', 'fade_in_reals', 'load_training_frame', 'check_train_split', 'select_split',
+           'gan_training_split', 'gan_saw_split', 'RealImages', 'training_images', 'build_networks', 'grow_networks',
+           'make_optimizers', 'list_checkpoints', 'latest_checkpoint', 'find_run_checkpoints', 'model_meta',
+           'save_train_checkpoint', 'check_checkpoint', 'find_checkpoint', 'restore_checkpoint', 'continue_log',
+           'broadcast_params', 'distribute', 'RunState', 'setup_run', 'enter_phase', 'NonFiniteLossError', 'train_step',
+           'log_step', 'save_grid', 'save_checkpoint', 'save_samples', 'save_when_due', 'out_of_time', 'stop_message',
            'stop_cleanly', 'finish_run', 'plot_curves', 'training_loop', 'launch_train', 'train', 'gan_knobs',
-           'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
+           'dcgan_params', 'train_config', 'knobs_epilog', 'train_cli', 'bench_gan', 'bench_gan_cli']
 
 # %% ../nbs/06_gan_train.ipynb #11f72cf6
 def level_of(resolution: int) -> int: return int(math.log2(resolution)) - 2
@@ -96,6 +96,8 @@ class TrainConfig:
     cache_images: bool = False          # decode every image once into memory at the final resolution (small sets); else DataLoader workers decode
     workers: int = 8                    # DataLoader worker processes when not caching
     # networks
+    model: str = 'pggan'                # 'pggan' (progressive growing, the paper) or 'dcgan' (Radford et al. 2016: one phase of kimg_last at `resolution`; Figure 4)
+    width: int = 64                     # DCGAN only: feature maps next to the image, doubling per halving of the resolution up to fmap_max (Radford's 64² G: 128)
     arch: str = 'segal2021'             # layer conventions: 'segal2021' (the authors' code), 'karras2018', 'zoo' (pytorch_GAN_zoo)
     resolution: int = 1024              # final resolution (a power of two)
     start_resolution: int = 4           # resolution of the first phase
@@ -108,6 +110,7 @@ class TrainConfig:
     kimg_last: float = 1200             # stabilisation at the final resolution (with its fade: 2,000k there, as the authors)
     batch_sizes: list = field(default_factory=lambda: [16, 16, 16, 16, 16, 16, 14, 8, 3])  # per-GPU batch per level (4², 8², …); the last entry repeats
     # optimisation
+    loss: str = 'auto'                  # 'auto' (the model's paper loss: wgangp for pggan, nonsat for dcgan), 'wgangp' or 'nonsat' (cxr_pggan.loss.LOSSES)
     lr: float = 1e-3                    # Adam learning rate of G and D
     betas: list = field(default_factory=lambda: [0.0, 0.99])  # Adam betas
     adam_eps: float = 1e-7              # Adam epsilon (the authors' 10e-8)
@@ -144,6 +147,8 @@ class TrainConfig:
 def _knob_error(k, v, need, default) -> ValueError:
     return ValueError(f"{k}={v!r}: {need}; e.g. --set {k}={json.dumps(default)} (the paper's)")
 
+MODELS = ('pggan', 'dcgan')   # the architecture families `TrainConfig.model` selects
+
 def _check_knobs(c) -> None:
     "Normalise the lists of a `TrainConfig` and check every knob with a valid range: one line naming the knob, the value and a valid one."
     c.batch_sizes, c.betas = [int(b) for b in c.batch_sizes], [float(b) for b in c.betas]
@@ -168,7 +173,11 @@ def _check_knobs(c) -> None:
     if c.cpu_threads is not None and (not whole(c.cpu_threads) or c.cpu_threads < 1):
         raise _knob_error('cpu_threads', c.cpu_threads, 'must be a whole number >= 1 (or null: all cores)', 4)
     if c.channels not in (1, 3): raise _knob_error('channels', c.channels, 'must be 1 (grey) or 3 (grey read as RGB)', d['channels'])
-    if c.arch not in ARCHS: raise _knob_error('arch', c.arch, f"must be one of {', '.join(ARCHS)}", d['arch'])
+    if c.arch not in ARCHS: raise _knob_error('arch', c.arch, f"must be one of {', '.join(ARCHS)} (the PGGAN's layer conventions; a DCGAN is model='dcgan')", d['arch'])
+    if c.model not in MODELS: raise _knob_error('model', c.model, f"must be one of {', '.join(MODELS)}", d['model'])
+    if c.loss != 'auto' and c.loss not in LOSSES: raise _knob_error('loss', c.loss, f"must be 'auto' or one of {', '.join(LOSSES)}", d['loss'])
+    if not whole(c.width) or c.width < 1: raise _knob_error('width', c.width, 'must be a whole number >= 1', d['width'])
+    if c.model == 'dcgan' and c.resolution < 8: raise _knob_error('resolution', c.resolution, "must be a power of two >= 8 for model='dcgan'", 64)
     if not number(c.adam_eps) or c.adam_eps <= 0: raise _knob_error('adam_eps', c.adam_eps, 'must be a number > 0', d['adam_eps'])
     for k, zero in (('checkpoint_kimg', '0 (only at phase ends)'), ('sample_kimg', '0 (no periodic grids)')):
         if not number(getattr(c, k)) or not (getattr(c, k) == 0 or getattr(c, k) >= 0.001):
@@ -198,16 +207,25 @@ def to_dict(self: TrainConfig) -> dict: return dataclasses.asdict(self)
 
 # %% ../nbs/06_gan_train.ipynb #10bd3aba
 @patch
-def network_config(self: TrainConfig) -> PGGANConfig:
-    "The PGGAN architecture these knobs describe."
+def resolved_loss(self: TrainConfig) -> str:
+    "The loss this run trains with: `loss`, or for 'auto' the model's paper loss (PGGAN: WGAN-GP, Segal et al.; DCGAN: non-saturating, Radford et al.)."
+    return self.loss if self.loss != 'auto' else ('nonsat' if self.model == 'dcgan' else 'wgangp')
+
+@patch
+def network_config(self: TrainConfig) -> PGGANConfig | DCGANConfig:
+    "The architecture these knobs describe: the PGGAN of `arch`, or a DCGAN (its D without BatchNorm under WGAN-GP)."
+    if self.model == 'dcgan':
+        return DCGANConfig(latent_dim=self.latent_dim, channels=self.channels, resolution=self.resolution, width=self.width,
+                           fmap_max=self.fmap_max, d_norm='none' if self.resolved_loss() == 'wgangp' else 'batch')
     return make_config(self.arch, self.resolution, channels=self.channels, latent_dim=self.latent_dim,
                        fmap_base=self.fmap_base, fmap_max=self.fmap_max)
 
 # %% ../nbs/06_gan_train.ipynb #6e638537
 @patch
 def schedule(self: TrainConfig) -> list[dict]:
-    "The phases `train()` runs (see `make_schedule`)."
-    return make_schedule(self.resolution, self.start_resolution, self.kimg_stab, self.kimg_fade, self.kimg_last, self.batch_sizes)
+    "The phases `train()` runs (see `make_schedule`); a DCGAN: one phase of `kimg_last` at `resolution` (`start_resolution` is not used)."
+    start = self.resolution if self.model == 'dcgan' else self.start_resolution
+    return make_schedule(self.resolution, start, self.kimg_stab, self.kimg_fade, self.kimg_last, self.batch_sizes)
 
 # %% ../nbs/06_gan_train.ipynb #1ab4f079
 @patch
@@ -378,10 +396,11 @@ def training_images(cfg: TrainConfig, rank: int = 0, world: int = 1, verbose: bo
 
 # %% ../nbs/06_gan_train.ipynb #81d86bc2
 def build_networks(cfg: TrainConfig, resolution: int, device='cpu') -> tuple:
-    "`(G, D, G_ema)` that the knobs `cfg` describe, at `resolution`, on `device`; the EMA G is a copy of G without gradients."
+    "`(G, D, G_ema)` that the knobs `cfg` describe (PGGAN or DCGAN), at `resolution`, on `device`; the EMA G is a copy of G without gradients."
     c = cfg.network_config()
-    G, D = Generator(c, resolution).to(device), Discriminator(c, resolution).to(device)
-    G_ema = Generator(c, resolution).to(device); G_ema.load_state_dict(G.state_dict())
+    Gc, Dc = network_classes(c)
+    G, D = Gc(c, resolution).to(device), Dc(c, resolution).to(device)
+    G_ema = Gc(c, resolution).to(device); G_ema.load_state_dict(G.state_dict())
     G_ema.requires_grad_(False)
     return G, D, G_ema
 
@@ -490,7 +509,7 @@ def _truncate_csv(path, max_step: int):
     with atomic_path(path) as tmp: df[df['step'] <= max_step].to_csv(tmp, index=False)
 
 # %% ../nbs/06_gan_train.ipynb #1c6e4648
-ARCH_KEYS = ('arch', 'channels', 'latent_dim', 'fmap_base', 'fmap_max', 'resolution', 'start_resolution')
+ARCH_KEYS = ('model', 'width', 'arch', 'channels', 'latent_dim', 'fmap_base', 'fmap_max', 'resolution', 'start_resolution')
 
 def check_checkpoint(path, cfg: TrainConfig, split: dict) -> dict:
     "The training checkpoint `path` of this run, checked: readable, a training checkpoint, the same networks and images."
@@ -633,7 +652,7 @@ def setup_run(cfg: TrainConfig, callbacks=(), quiet: bool = False) -> RunState:
     df, split, reals = training_images(cfg, w['rank'], w['world'], verbose=io and not quiet)
     # networks: the same on every process (one seed); the fixed latents of the sample grids; this process's noise
     seed_everything(cfg.seed)
-    G, D, G_ema = build_networks(cfg, cfg.start_resolution, w['device'])
+    G, D, G_ema = build_networks(cfg, cfg.schedule()[0]['resolution'], w['device'])   # the first phase's
     fixed_z = torch.randn(cfg.n_samples, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     noise = torch.Generator(w['device']).manual_seed(cfg.seed * 1000 + w['rank'] + 7)
     # resume: the checkpoint `cfg.resume` asks for, if any: weights, RNG states, counters, loss scales, the log
@@ -666,8 +685,8 @@ def enter_phase(rs: RunState) -> tuple[dict, float]:
         if rs.resumed_optim is not None and not grew:
             rs.opt_G.load_state_dict(rs.resumed_optim[0]); rs.opt_D.load_state_dict(rs.resumed_optim[1])
         rs.resumed_optim = None
-        rs.step_fn = make_step('wgangp', rs.G, rs.D, rs.G_ema, rs.opt_G, rs.opt_D, cfg, rs.device, rs.world, rs.noise,
-                               prec=rs.prec, scalers=rs.scalers, counters=rs.counters)     # the paper's loss
+        rs.step_fn = make_step(cfg.resolved_loss(), rs.G, rs.D, rs.G_ema, rs.opt_G, rs.opt_D, cfg, rs.device, rs.world, rs.noise,
+                               prec=rs.prec, scalers=rs.scalers, counters=rs.counters)     # the model's loss (PGGAN: the paper's WGAN-GP)
         rs.stream = rs.reals.batches(ph['resolution'], ph['batch'], c['consumed'], rs.device)
         rs.phase_key = (ph['resolution'], ph['batch'])
     for n in rs.nets: n.set_alpha(a)
@@ -849,7 +868,7 @@ def training_loop(cfg: TrainConfig, callbacks=(), quiet: bool = False) -> dict:
     "One run of `cfg` in this process (one of several under torchrun), its chapters in order; returns the run's summary."
     rs = setup_run(cfg, callbacks, quiet)                      # data, networks, resume, distribute: the whole state, built once
     c = rs.counters
-    bar = progress(total=round(rs.total / 1000, 3), initial=round(c['images_shown'] / 1000, 3), unit='kimg', desc=f'PGGAN {rs.run}',
+    bar = progress(total=round(rs.total / 1000, 3), initial=round(c['images_shown'] / 1000, 3), unit='kimg', desc=f'{cfg.model.upper()} {rs.run}',
                    disable=(not rs.io or quiet), bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]')
     t_last, img_last, t0 = time.perf_counter(), c['images_shown'], time.perf_counter() - c['wall_s']
     t_step = time.perf_counter()
@@ -891,7 +910,7 @@ def launch_train(cfg: TrainConfig, processes: int) -> dict:
 
 # %% ../nbs/06_gan_train.ipynb #d102f3de
 def train(cfg: TrainConfig | dict, callbacks=(), quiet: bool = False) -> dict:
-    """Train a PGGAN with the knobs `cfg` (a `TrainConfig`, or a dict of its fields); resumes when asked.
+    """Train a PGGAN (or a DCGAN: `model='dcgan'`) with the knobs `cfg` (a `TrainConfig`, or a dict of its fields); resumes when asked.
     `callbacks`: functions `f(step, ctx)` called after every step (tests use them to simulate crashes).
     Returns a summary: run folder, final model file, images shown, steps, log CSV, last checkpoint."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_params(cfg)
@@ -905,9 +924,9 @@ def train(cfg: TrainConfig | dict, callbacks=(), quiet: bool = False) -> dict:
 EDGE_FIELDS = ('data', 'metadata', 'checkpoint_dir', 'sample_dir', 'splits')   # set by `train_config` from the dataset and the artifacts
 
 def gan_knobs(n_figure: int = 64, **fields) -> dict:
-    "A profile's 'gan' section: `TrainConfig(**fields)` without the edge fields, plus `n_figure`."
+    "A profile's 'gan' section: `TrainConfig(**fields)` without the edge fields and the DCGAN's `width`, plus `n_figure`."
     d = TrainConfig(**fields).to_dict()
-    for k in EDGE_FIELDS: d.pop(k)
+    for k in EDGE_FIELDS + ('width',): d.pop(k)                     # width: the 'dcgan' section's (dcgan_width)
     return d | dict(n_figure=n_figure)
 
 _OURS = dict(precision='bf16', fade_reals=True, adam_eps=1e-8)   # the demo's named departures from the paper (see the README)
@@ -924,19 +943,47 @@ register_profile('gan',
                    checkpoint_kimg=6, keep_checkpoints=3, sample_kimg=4, log_every=10, n_samples=36),
     paper=gan_knobs(64));
 
+# %% ../nbs/06_gan_train.ipynb #58bcc029
+DCGAN_KNOBS = dict(dcgan_resolution='resolution', dcgan_width='width', dcgan_kimg='kimg_last', dcgan_loss='loss', dcgan_lr='lr',
+                   dcgan_betas='betas', dcgan_ema_beta='ema_beta')   # the 'dcgan' section's knob -> the TrainConfig field it sets
+
+def dcgan_params(P: dict) -> dict:
+    "The knobs `P` (sections 'gan' and 'dcgan') as a DCGAN run's: the 'dcgan' section's values over the 'gan' section's fields."
+    missing = sorted(set(DCGAN_KNOBS) - set(P))
+    if missing: raise KeyError(f"a DCGAN run needs the 'dcgan' section's knobs (missing {missing}); use section_params(profile, 'dataset', 'gan', 'dcgan')")
+    return P | {f: P[k] for k, f in DCGAN_KNOBS.items()} | dict(model='dcgan', batch_sizes=[P['dcgan_batch']], start_resolution=P['dcgan_resolution'])
+
+register_profile('dcgan',
+    smoke=dict(dcgan_resolution=16, dcgan_width=8, dcgan_kimg=0.256, dcgan_batch=8, dcgan_loss='auto', dcgan_lr=2e-4,
+               dcgan_betas=[0.5, 0.999], dcgan_ema_beta=0.99, dcgan_n_samples=32),
+    demo=dict(dcgan_resolution=32, dcgan_width=16, dcgan_kimg=30, dcgan_batch=64, dcgan_loss='auto', dcgan_lr=2e-4,
+              dcgan_betas=[0.5, 0.999], dcgan_ema_beta=0.99, dcgan_n_samples=1000),
+    paper=dict(dcgan_resolution=128, dcgan_width=64, dcgan_kimg=2000, dcgan_batch=128, dcgan_loss='auto', dcgan_lr=2e-4,
+               dcgan_betas=[0.5, 0.999], dcgan_ema_beta=0.0, dcgan_n_samples=10000));
+
 # %% ../nbs/06_gan_train.ipynb #799a9fff
-def train_config(P: dict) -> TrainConfig:
-    "The `TrainConfig` of a profile's knobs (sections 'dataset' and 'gan', with 'profile'): dataset resolved, run folders named."
+def train_config(P: dict, model: str | None = None) -> TrainConfig:
+    """The `TrainConfig` of a profile's knobs (sections 'dataset' and 'gan', with 'profile'; and 'dcgan' for a DCGAN run):
+    dataset resolved, run folders named. `model`: 'pggan' or 'dcgan' (default: the knob `model`)."""
+    model = model or P.get('model') or 'pggan'
+    if model == 'dcgan': P = dcgan_params(P)
     ds = resolve_dataset(P, images=True)
-    cfg = TrainConfig.from_params(P)
+    cfg = TrainConfig.from_params(P | dict(model=model))
     cfg.data, cfg.metadata = str(ds.folder), str(ds.metadata)
     if cfg.train_split != 'all':                         # the shared split every notebook uses (experiment.dataset_splits)
         cfg.splits = str(dataset_splits(ds, P['profile'], P['fractions'], P['split_seed'])[1])
         check_train_split(cfg.splits, cfg.train_split)   # an unknown name fails here, before any folder is claimed
     if cfg.run is None:
-        cfg.run = f"pggan_{P['profile']}"
-        cfg.checkpoint_dir, cfg.sample_dir = str(artifact('gan_run', P['profile'])), str(artifact('gan_samples', P['profile']))
+        cfg.run = f"{model}_{P['profile']}"
+        run, grids = ('gan_run', 'gan_samples') if model == 'pggan' else ('dcgan_run', 'dcgan_grids')
+        cfg.checkpoint_dir, cfg.sample_dir = str(artifact(run, P['profile'])), str(artifact(grids, P['profile']))
     return cfg
+
+# the DCGAN's outputs (notebook 08's Figure 4, 10a and `evaluate` read them)
+ARTIFACTS.setdefault('dcgan_run', ('outputs', 'checkpoints/dcgan_{profile}', '06_gan_train'))
+ARTIFACTS.setdefault('dcgan', ('outputs', 'checkpoints/dcgan_{profile}/final.pt', '06_gan_train'))
+ARTIFACTS.setdefault('dcgan_grids', ('outputs', 'samples/dcgan_{profile}_grids', '06_gan_train'))
+ARTIFACTS.setdefault('dcgan_samples', ('outputs', 'samples/dcgan_{profile}', '06_gan_train'))
 
 # %% ../nbs/06_gan_train.ipynb #8a7b62b0
 def knobs_epilog(*sections: str, docs: dict | None = None) -> str:
@@ -957,9 +1004,10 @@ def _write_summary(path, out: dict, cfg: TrainConfig):
     write_provenance(path, params=cfg.to_dict(), seed=cfg.seed, kind=SUMMARY_KIND)
 
 def train_cli(argv: list[str]) -> int:
-    ap = CLIParser(prog='cxr-pggan train', description='Progressive WGAN-GP training (launch with torchrun for several GPUs).',
-                                 epilog=knobs_epilog('dataset', 'gan', docs=_field_docs(TrainConfig)), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CLIParser(prog='cxr-pggan train', description='Progressive WGAN-GP training of the PGGAN, or a DCGAN (--model dcgan) (launch with torchrun for several GPUs).',
+                                 epilog=knobs_epilog('dataset', 'gan', 'dcgan', docs=_field_docs(TrainConfig)), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--profile', default='demo', choices=list(PROFILE_NAMES))
+    ap.add_argument('--model', choices=list(MODELS), help="pggan (the paper's) or dcgan (Figure 4; knobs: the dcgan_* ones); default: the knob model (pggan)")
     ap.add_argument('--data', help="dataset: a folder in the NIH layout (images/ or images_0XX/images/ + Data_Entry_2017*.csv), 'nih' (data/nih) or 'phantom'; default: the profile's")
     ap.add_argument('--metadata', help='metadata CSV (default: Data_Entry_2017*.csv in --data)')
     ap.add_argument('--run', help='run name (one folder name, no / or ..): checkpoints in outputs/checkpoints/RUN, samples in outputs/samples/RUN (default: the profile\'s)')
@@ -978,7 +1026,7 @@ def train_cli(argv: list[str]) -> int:
         over = dict(dataset=a.data, metadata=a.metadata, run=a.run, resume=a.resume, device=check_device(a.device),
                     precision=a.precision, compile=True if a.compile else None, time_budget=a.time_budget,
                     resume_from=a.resume_from) | parse_sets(a.set)
-        cfg = train_config(section_params(a.profile, 'dataset', 'gan', **over))
+        cfg = train_config(section_params(a.profile, 'dataset', 'gan', 'dcgan', **over), model=a.model)
     try: out = train(cfg)
     except NonFiniteLossError as e: print(f'cxr-pggan train: {e}', file=sys.stderr); return 3
     if out['rank'] == 0 and not a.config:
@@ -1002,14 +1050,14 @@ def _saved_bytes(fn) -> int:
     return total[0]
 
 def _bench_train(tc: TrainConfig, r: int, batch: int, iters: int, warmup: int, device, prec) -> dict:
-    "One row of `bench_gan`: a WGAN-GP step at `r`² timed over `iters` iterations after `warmup`."
+    "One row of `bench_gan`: a step of the knobs' loss (the PGGAN's WGAN-GP, the DCGAN's non-saturating) at `r`² timed over `iters` iterations after `warmup`."
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     G, D, Ge = build_networks(tc, r, device)
     distribute((G, D, Ge), 1, device, tc.channels_last)
-    step = make_step('wgangp', G, D, Ge, *make_optimizers(G, D), tc, device, prec=prec)    # the paper's losses, EMA and Adam
+    step = make_step(tc.resolved_loss(), G, D, Ge, *make_optimizers(G, D, tc.lr, tc.betas, tc.adam_eps), tc, device, prec=prec)   # the model's loss, EMA and Adam
     real = torch.rand(batch, tc.channels, r, r, device=device) * 2 - 1
-    row = dict(resolution=r, batch=batch, checkpointing=tc.checkpointing)
+    row = dict(resolution=r, batch=batch, checkpointing=tc.checkpointing, model=tc.model, loss=tc.resolved_loss())
     try:
         for _ in range(warmup): step(real)
         _sync(device); t = time.perf_counter()
@@ -1026,16 +1074,18 @@ def _bench_train(tc: TrainConfig, r: int, batch: int, iters: int, warmup: int, d
 def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int = 20, warmup: int = 5,
               channels: int = 3, precision: str = 'bf16', compile: bool = False, device=None, gen_batch: int = 64,
               gen_iters: int = 10, fmap_max: int = 512, latent_dim: int = 512, quiet: bool = False,
-              checkpointing=(False,)) -> dict:
-    """Train img/s, peak GPU memory and saved-activation memory per resolution (for each `checkpointing` setting),
+              checkpointing=(False,), model: str = 'pggan', width: int = 64) -> dict:
+    """`model`: 'pggan' (the paper's networks, WGAN-GP) or 'dcgan' (`width`, the non-saturating loss, one network per resolution). Train img/s, peak GPU memory and saved-activation memory per resolution (for each `checkpointing` setting),
     and generator img/s at the top resolution."""
     device = _device(device); _speed_flags(device)
     prec, r = resolve_precision(precision, device), max(resolutions)
-    knobs = lambda ck: TrainConfig(resolution=r, channels=channels, latent_dim=latent_dim, fmap_max=fmap_max, precision=precision,
-                                   compile=compile, channels_last=True, checkpointing=ck)   # the paper's networks, losses, EMA and Adam
+    dc = dict(lr=2e-4, betas=[0.5, 0.999]) if model == 'dcgan' else {}     # Radford et al.'s Adam for a DCGAN
+    knobs = lambda ck, res=r: TrainConfig(model=model, width=width, resolution=res if model == 'dcgan' else r, channels=channels, latent_dim=latent_dim,
+                                          fmap_max=fmap_max, precision=precision, compile=compile, channels_last=True, checkpointing=ck, **dc)
     todo = [(res, ck) for res in resolutions for ck in checkpointing]
-    rows = [_bench_train(knobs(ck), res, batch, iters, warmup, device, prec) for res, ck in progress(todo, desc='bench gan', disable=quiet)]
-    Ge = Generator(knobs(False).network_config(), r).to(device).eval()
+    rows = [_bench_train(knobs(ck, res), res, batch, iters, warmup, device, prec) for res, ck in progress(todo, desc='bench gan', disable=quiet)]
+    nc = knobs(False).network_config()
+    Ge = network_classes(nc)[0](nc, r).to(device).eval()
     if device.type == 'cuda': Ge.to(memory_format=torch.channels_last)
     z = torch.randn(gen_batch, latent_dim, device=device)
     with torch.inference_mode(), prec.autocast():
@@ -1044,7 +1094,7 @@ def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int
         for _ in range(gen_iters): Ge(z)
         _sync(device); dt = time.perf_counter() - t
     dev = device_info()
-    return dict(bench='gan', device_name=dev.get('gpu') or dev.get('cpu'), device_type=device.type, torch=torch.__version__,
+    return dict(bench='gan', model=model, width=width if model == 'dcgan' else None, device_name=dev.get('gpu') or dev.get('cpu'), device_type=device.type, torch=torch.__version__,
                 precision=prec.label, precision_asked=precision,
                 channels_last=device.type == 'cuda', compile=compile, channels=channels, latent_dim=latent_dim, fmap_max=fmap_max,
                 iters=iters, warmup=warmup, train=rows,
@@ -1052,22 +1102,24 @@ def bench_gan(resolutions=(64, 128, 256, 512, 1024), batch: int = 16, iters: int
 
 # %% ../nbs/06_gan_train.ipynb #57592793
 def bench_gan_cli(argv: list[str]) -> int:
-    ap = CLIParser(prog='cxr-pggan bench gan', description='PGGAN training/inference speed and peak GPU memory.')
+    ap = CLIParser(prog='cxr-pggan bench gan', description='PGGAN (or DCGAN: --model dcgan) training/inference speed and peak GPU memory.')
     ap.add_argument('--resolutions', type=int, nargs='+', default=[64, 128, 256, 512, 1024])
     ap.add_argument('--batch', type=int, default=16); ap.add_argument('--iters', type=int, default=20)
     ap.add_argument('--warmup', type=int, default=5); ap.add_argument('--channels', type=int, default=3, choices=[1, 3])
     ap.add_argument('--gen-batch', type=int, default=64); ap.add_argument('--gen-iters', type=int, default=10)
     ap.add_argument('--fmap-max', type=int, default=512, help='cap the depth table (smaller = quick CPU checks)')
     ap.add_argument('--latent', type=int, default=512)
+    ap.add_argument('--model', default='pggan', choices=list(MODELS), help='pggan (the paper) or dcgan (Figure 4: a DCGAN at each resolution, non-saturating loss)')
+    ap.add_argument('--width', type=int, default=64, help='DCGAN width (feature maps next to the image)')
     ap.add_argument('--precision', default='bf16', choices=list(PRECISIONS), help='fp32 | bf16 | fp16 (loss scaling) | auto (bf16 if native, else fp16)')
     ap.add_argument('--compile', action='store_true')
     ap.add_argument('--checkpointing', default='off', choices=['off', 'on', 'both'], help='activation checkpointing in G and D (both: each resolution with and without)')
     ap.add_argument('--device'); ap.add_argument('--json', help='write the results to this JSON file')
     a = ap.parse_args(argv)
     res = bench_gan(a.resolutions, a.batch, a.iters, a.warmup, a.channels, a.precision, a.compile, check_device(a.device),
-                    a.gen_batch, a.gen_iters, a.fmap_max, a.latent, checkpointing=dict(off=(False,), on=(True,), both=(False, True))[a.checkpointing])
+                    a.gen_batch, a.gen_iters, a.fmap_max, a.latent, checkpointing=dict(off=(False,), on=(True,), both=(False, True))[a.checkpointing], model=a.model, width=a.width)
     res = write_bench_json(res, a.json)
-    print(f"device: {res['device_name']} ({res['precision']}, channels_last={res['channels_last']}, compile={res['compile']})")
+    print(f"{res['model']} on device: {res['device_name']} ({res['precision']}, channels_last={res['channels_last']}, compile={res['compile']})")
     print(f"{'res':>6} {'batch':>6} {'ckpt':>5} {'train img/s':>12} {'step ms':>9} {'peak GiB':>9} {'saved MiB':>10}")
     for r in res['train']:
         ck = 'on' if r['checkpointing'] else 'off'
