@@ -103,6 +103,7 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'synthetic': 'cxr_pggan.synthetic',
     'privacy': 'cxr_pggan.privacy',
     'dcgan': 'cxr_pggan.train',
+    'classgen': 'cxr_pggan.classgen',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
