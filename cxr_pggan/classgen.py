@@ -74,12 +74,12 @@ def arch_verdict(table: pd.DataFrame, success: float = 0.5) -> str:
     cls = [l for l in a.index if l != 'all classes']
     ok = [l for l in cls if a.loc[l, 'share_converged'] >= success]
     fails = [l for l in ok if b.loc[l, 'share_converged'] < success]
-    pa, pb = a.loc['all classes'], b.loc['all classes']
-    p = fisher_exact([[pa.converged, pa.n - pa.converged], [pb.converged, pb.n - pb.converged]]).pvalue
-    nums = (f"overall {pa.converged}/{pa.n} latents converged on the PGGAN vs {pb.converged}/{pb.n} on the DCGAN "
+    (ka, na), (kb, nb) = ((int(x.loc['all classes', 'converged']), int(x.loc['all classes', 'n'])) for x in (a, b))
+    p = fisher_exact([[ka, na - ka], [kb, nb - kb]]).pvalue
+    nums = (f"overall {ka}/{na} latents converged on the PGGAN vs {kb}/{nb} on the DCGAN "
             f"(Fisher exact p = {p:.2g}); the PGGAN reached ≥{success:.0%} in {len(ok)} of {len(cls)} classes, and the DCGAN failed in {len(fails)} of those")
     if not ok: return f"The paper's finding cannot be tested in this run: the PGGAN itself succeeds in no class ({nums})."
-    holds = len(fails) * 2 >= len(ok) and pb.share_converged < pa.share_converged
+    holds = len(fails) * 2 >= len(ok) and kb / nb < ka / na
     return (f"The paper's finding {'holds' if holds else 'does not hold'} in this run: "
             f"{'the DCGAN fails where the PGGAN succeeds' if holds else 'the DCGAN does not fail where the PGGAN succeeds'} — {nums}.")
 

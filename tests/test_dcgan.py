@@ -63,7 +63,7 @@ def test_dcgan_wgangp_has_no_batchnorm_in_d(nih_folder, tmp_path):
 
 
 def test_dcgan_checkpoint_in_every_generator_consumer(dc_full, tmp_path):
-    "A DCGAN file goes where a PGGAN file goes: load_pretrained, as_image_generator, generate, Algorithm 1, the image sets of FID."
+    "A DCGAN file goes where a PGGAN file goes: load_pretrained, as_image_generator, generate, Algorithm 1, the image sets of FID, the archive."
     res, _, _ = dc_full
     pre = load_pretrained(res['final'])
     assert isinstance(pre.G_ema, DCGANGenerator) and isinstance(pre.D, DCGANDiscriminator)
@@ -80,13 +80,17 @@ def test_dcgan_checkpoint_in_every_generator_consumer(dc_full, tmp_path):
     from cxr_pggan.features import image_set
     s = image_set(res['final'], 4)
     assert s['kind'] == 'generator' and s['resolution'] == 16
+    from cxr_pggan.archive import build_archive
+    arc = build_archive(res['final'], cp, 3, tmp_path / 'archive', images_per_patient=3, steps=3, candidates=2, max_attempts=1,
+                        device='cpu', exclusive=False)
+    assert arc['complete'] and arc['images'] == 3 == len(list((tmp_path / 'archive').rglob('*.png')))
 
 
 def test_params_and_bench_show_the_dcgan():
     from cxr_pggan.cli import params
     out = params('demo', ['gan', 'dcgan'])
     assert out['dcgan']['dcgan_lr'] == 2e-4 and out['dcgan']['dcgan_betas'] == [0.5, 0.999]
-    assert out['dcgan_schedule'] == [dict(resolution=32, kind='stabilise', kimg=30.0, batch=64, end_kimg=30.0)]
+    assert out['dcgan_schedule'] == [dict(resolution=32, kind='stabilise', kimg=66.0, batch=64, end_kimg=66.0)]
     b = T.bench_gan([8, 16], batch=2, iters=1, warmup=1, channels=1, precision='fp32', device='cpu', gen_batch=2, gen_iters=1,
                     fmap_max=8, latent_dim=8, quiet=True, model='dcgan', width=4)
     assert b['model'] == 'dcgan' and [r['resolution'] for r in b['train']] == [8, 16] and all(r['loss'] == 'nonsat' for r in b['train'])
