@@ -186,7 +186,7 @@ register_profile('fid',
                figure4_pggan='random', figure4_dcgan='random', figure4_n=12, figure4_show=8),
     demo=dict(synthetic='auto', n_synthetic=600, inception_weights=None, allow_random_weights=True, classifier='auto',
               metrics=['fid', 'kid', 'fid_cxr'], batch_size=50, workers=2, kid_subsets=50, kid_subset_size=1000, min_class_n=5, seed=0,
-              figure4_pggan='auto', figure4_dcgan='auto', figure4_n=200, figure4_show=16),
+              figure4_pggan='auto', figure4_dcgan='auto', figure4_n=64, figure4_show=16),
     paper=dict(synthetic='auto', n_synthetic=100_000, inception_weights=None, allow_random_weights=False, classifier='auto',
                metrics=['fid', 'kid', 'fid_cxr'], batch_size=100, workers=8, kid_subsets=100, kid_subset_size=1000, min_class_n=2, seed=0,
                figure4_pggan='auto', figure4_dcgan='auto', figure4_n=10_000, figure4_show=16));
