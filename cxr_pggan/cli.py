@@ -104,10 +104,12 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'synthetic': 'cxr_pggan.synthetic',
     'privacy': 'cxr_pggan.privacy',
     'fidelity': 'cxr_pggan.fidelity',
+    'dcgan': 'cxr_pggan.train',
+    'classgen': 'cxr_pggan.classgen',
 }
 
 def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
-    "The resolved knobs of every section (or `sections`) of `profile`; with 'gan', also its schedule as `gan_schedule`."
+    "The resolved knobs of every section (or `sections`) of `profile`; with 'gan', also its schedule as `gan_schedule` (with 'dcgan' too, the DCGAN's as `dcgan_schedule`)."
     if profile not in PROFILE_NAMES: raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
     bad = set(sections or []) - set(SECTIONS)
     if bad: raise KeyError(f"unknown section(s) {sorted(bad)}; choose from {list(SECTIONS)}")
@@ -116,6 +118,9 @@ def params(profile: str = 'demo', sections: list[str] | None = None) -> dict:
     if 'gan' in out:
         from cxr_pggan.train import TrainConfig               # torch: imported only when the GAN's knobs are asked for
         out['gan_schedule'] = TrainConfig.from_params(out['gan']).phases()
+        if 'dcgan' in out:
+            from cxr_pggan.train import dcgan_params
+            out['dcgan_schedule'] = TrainConfig.from_params(dcgan_params(out['gan'] | out['dcgan'])).phases()
     return out
 
 # %% ../nbs/03_cli.ipynb #3b32f5e2
@@ -130,14 +135,15 @@ def params_cli(argv: list[str]) -> int:
         print(f"cxr-pggan params: {str(e).strip(chr(34))}", file=sys.stderr); return 2
     if a.json: print(json.dumps(out, indent=1, default=str)); return 0
     for s, kv in out.items():
-        if s == 'gan_schedule': continue
+        if s.endswith('_schedule'): continue
         print(f"[{s}]  ({a.profile} profile)")
         w = max(map(len, kv)) if kv else 0
         for k, v in kv.items(): print(f"  {k.ljust(w)} = {v!r}")
         print()
-    if 'gan_schedule' in out:
-        ph = out['gan_schedule']
-        print(f"[gan schedule]  {len(ph)} phases, {sum(p['kimg'] for p in ph):,.1f} kimg in all")
+    for name in ('gan', 'dcgan'):
+        if f'{name}_schedule' not in out: continue
+        ph = out[f'{name}_schedule']
+        print(f"[{name} schedule]  {len(ph)} phases, {sum(p['kimg'] for p in ph):,.1f} kimg in all")
         print(f"  {'phase':>5} {'resolution':>10} {'kind':>10} {'kimg':>9} {'batch/GPU':>9} {'kimg at end':>11}")
         for i, p in enumerate(ph):
             print(f"  {i:>5} {str(p['resolution']) + '²':>10} {p['kind']:>10} {p['kimg']:>9,.1f} {p['batch']:>9} {p['end_kimg']:>11,.1f}")
