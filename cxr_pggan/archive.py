@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
-from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int,
+from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int, write_bench_json,
                             progress, register_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
 from .classifier import CXRClassifier, load_classifier
 from .data import LABELS, FINDINGS, load_metadata, parse_labels, read_image
@@ -25,7 +25,8 @@ __all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients'
            'resume_state', 'ArchiveConvergenceError', 'generate_patient', 'record_patient', 'generate_patients',
            'target_schedule', 'target_chain', 'label_latents', 'choose_candidate', 'probe_targets', 'classifier_auc',
            'convergence_advice', 'archive_targets', 'ConvergenceReport', 'generate_patients_batched', 'archive_rows',
-           'prevalence_table', 'finalise_archive', 'finish_archive', 'build_archive', 'archive_parser', 'archive_cli']
+           'prevalence_table', 'finalise_archive', 'finish_archive', 'build_archive', 'archive_parser', 'archive_cli',
+           'bench_archive', 'bench_archive_cli']
 
 # %% ../nbs/11_archive.ipynb #970a1b80
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -785,4 +786,50 @@ def archive_cli(argv: list[str]) -> int:
         print(f"{s['images']} images of {s['patients']} patients in {a.out}; max |archive - reference| prevalence "
               f"{s['max_abs_prevalence_diff']:.3f} ({'within' if s['within_tolerance'] else 'OUTSIDE'} tolerance {s['tolerance']})"
               + (f"; classes that never converged: {s['dropped_classes']}" if s['dropped_classes'] else ''))
+    return 0
+
+# %% ../nbs/11_archive.ipynb #ba277a8d
+def bench_archive(generator=None, classifier=None, n: int = 24, resolution: int = 32, steps: int = 20, candidates: int = 4,
+                  slots: int = 32, max_attempts: int = 3, device=None, seed: int = 0, single_class: bool = False) -> dict:
+    """Images/s of the serial and the batched builder writing the same archive (same networks, knobs and N) one after the
+    other, and their ratio. Without networks: random ones at `resolution` (`latent.random_networks`; mechanics only)."""
+    import tempfile
+    from .latent import random_networks
+    td = Path(tempfile.mkdtemp(prefix='bench_archive_'))
+    rand = generator is None or classifier is None
+    if rand: generator, classifier = random_networks(td / 'nets', resolution, seed)
+    cfg = ArchiveConfig(steps=steps, candidates=candidates, slots=slots, max_attempts=max_attempts, seed=seed, device=device,
+                        exclusive=not single_class, report_every=3600)
+    runs = {}
+    for b in ('serial', 'batched'):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore'); s = build_archive(generator, classifier, n, td / b, config=dataclasses.replace(cfg, builder=b))
+        sec = time.perf_counter() - t0
+        runs[b] = dict(seconds=sec, images=s['images'], images_per_s=s['images'] / sec, dropped_classes=s['dropped_classes'])
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    shutil.rmtree(td, ignore_errors=True)                      # a temporary folder this function made
+    return dict(bench='archive', n=n, resolution=resolution if rand else None, networks='random (mechanics only)' if rand else 'given',
+                generator=None if rand else str(generator), classifier=None if rand else str(classifier), steps=steps, candidates=candidates, slots=slots, max_attempts=max_attempts,
+                exclusive=not single_class, precision='fp32', device_type=dev.type, serial=runs['serial'], batched=runs['batched'],
+                ratio=runs['batched']['images_per_s'] / runs['serial']['images_per_s'])
+
+# %% ../nbs/11_archive.ipynb #f3fbc33d
+def bench_archive_cli(argv: list[str]) -> int:
+    ap = CLIParser(prog='cxr-pggan bench archive', description='images/s of the serial and the batched archive builder on the same networks, and their ratio.')
+    ap.add_argument('--generator', help='GAN checkpoint (default: random networks at --resolution, mechanics only)')
+    ap.add_argument('--classifier', help='classifier checkpoint (with --generator)')
+    ap.add_argument('--n', type=positive_int, default=24, help='images per archive'); ap.add_argument('--resolution', type=int, default=32)
+    ap.add_argument('--steps', type=positive_int, default=20); ap.add_argument('--candidates', type=positive_int, default=4)
+    ap.add_argument('--slots', type=positive_int, default=32); ap.add_argument('--max-attempts', type=positive_int, default=3)
+    ap.add_argument('--single-class', action='store_true', help="one label per patient (the paper's Algorithm 1)")
+    ap.add_argument('--device'); ap.add_argument('--json')
+    a = ap.parse_args(argv)
+    if (a.generator is None) != (a.classifier is None): ap.error('give --generator and --classifier together (or neither, for random networks)')
+    for f in (a.generator, a.classifier):
+        if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{f}: no such checkpoint; give a GAN and a classifier checkpoint, or neither")
+    check_device(a.device)
+    r = bench_archive(a.generator, a.classifier, a.n, a.resolution, a.steps, a.candidates, a.slots, a.max_attempts, a.device,
+                      single_class=a.single_class)
+    write_bench_json(dict(r, params=vars(a)), a.json)
     return 0

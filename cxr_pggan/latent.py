@@ -209,22 +209,31 @@ def _slot_objective(L, P, X, T, O, thr, margin: float):
     done = ((Ld >= T) | ~(P.bool() | X)).all(1) & ((Ld < thr) | ~O).all(1)
     return obj, done
 
+def _slot_step(zz, obj, go, gscale: float, normalise: bool, scale: float, lr: float):
+    "`_step` on the whole fixed batch (rows not going get a zero objective): every reduction keeps the batch's shape, so a row's step never depends on how many rows go."
+    g, = torch.autograd.grad((obj * go).sum() * gscale, zz, retain_graph=gscale != 1.0)
+    g = g.float() / gscale
+    if gscale != 1.0 and not torch.isfinite(g).all(): g = torch.autograd.grad((obj * go).sum(), zz)[0].float()
+    return g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalise else g * lr
+
 def optimise_slots(G, clf, feed, slots: int = 32, lr: float = 0.05, normalise: bool = True, margin: float = 0.5, device=None,
                    precision: str | None = None, stats: dict | None = None):
     """Algorithm 1 on a stream of latents through `slots` fixed slots. `feed()` gives the next `SlotJob` (None: none now);
     a latent that converges or runs out of its steps leaves (yielded as `(job, SlotResult)`), and the next job takes its
     slot. Every step runs G and the classifier on all `slots` rows (an empty slot holds zeros): a fixed batch shape, and
-    networks in eval mode mix no batch elements, so a latent's result depends on its job alone, not on its companions or
-    its slot. `stats` (a dict) counts 'z_steps' (latent steps of real jobs) and 'forward' (batch passes)."""
+    networks in eval mode mix no batch elements, so a latent's result depends on its job alone, not on its companions
+    nor its slot (the logits are padded to 64 columns: a vectorised elementwise op computes its scalar
+    tail differently, which would make a row's rounding depend on where it sits). `stats` (a dict) counts 'z_steps' (latent steps of real jobs) and 'forward' (batch passes)."""
     G = as_image_generator(G)
     device = torch.device(device or next(clf.parameters()).device)
     G, clf = _frozen(G.to(device)), _frozen(clf.to(device))
     C, d = len(clf.labels), G.latent_dim
+    W = -(-C // 64) * 64                   # logits padded to 64 columns: every element takes the same (vectorised) path
     if slots < 1: raise ValueError(f"slots must be >= 1, got {slots}")
-    thr = clf.thresholds.detach().float().to(device)
+    thr = F.pad(clf.thresholds.detach().float().to(device), (0, W - C))
     z = torch.zeros(slots, d, device=device)
-    P, T = torch.zeros(slots, C, device=device), torch.zeros(slots, C, device=device)
-    X, O = torch.zeros(slots, C, dtype=torch.bool, device=device), torch.zeros(slots, C, dtype=torch.bool, device=device)
+    P, T = torch.zeros(slots, W, device=device), torch.zeros(slots, W, device=device)
+    X, O = torch.zeros(slots, W, dtype=torch.bool, device=device), torch.zeros(slots, W, dtype=torch.bool, device=device)
     jobs, step, l0 = [None] * slots, [0] * slots, [0.0] * slots
     ac, gscale = _precision_context(precision, False, device)
     scale = lr * math.sqrt(d); stats = {} if stats is None else stats
@@ -242,7 +251,7 @@ def optimise_slots(G, clf, feed, slots: int = 32, lr: float = 0.05, normalise: b
         act = [i for i in range(slots) if jobs[i] is not None]
         if not act: return
         zz = z.clone().requires_grad_(True)
-        with torch.enable_grad(), ac: L = clf(G(zz)).float()
+        with torch.enable_grad(), ac: L = F.pad(clf(G(zz)).float(), (0, W - C))
         obj, done = _slot_objective(L, P, X, T, O, thr, margin)
         stats['forward'] += 1; stats['z_steps'] += len(act)
         Ld, go, finished = L.detach().cpu(), torch.zeros(slots, dtype=torch.bool, device=device), []
@@ -252,7 +261,7 @@ def optimise_slots(G, clf, feed, slots: int = 32, lr: float = 0.05, normalise: b
             if bool(done[i]) or step[i] >= jobs[i].steps: finished.append(i)
             else: go[i] = True
         if go.any():
-            z[go] = z[go] + _step(zz, obj, go, gscale, normalise, scale, lr).to(z.dtype)
+            z = torch.where(go[:, None], z + _slot_step(zz, obj, go, gscale, normalise, scale, lr), z)
             for i in go.nonzero().flatten().tolist(): step[i] += 1
         for i in finished:
             j, res = jobs[i], SlotResult(z[i].detach().cpu().clone(), l0[i], float(Ld[i, jobs[i].classes[0]]), step[i], bool(done[i]))
