@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
 from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int, write_bench_json,
-                            progress, register_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
+                            progress, register_profile, derive_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
 from .classifier import CXRClassifier, load_classifier
 from .data import LABELS, FINDINGS, load_metadata, parse_labels, read_image
 from .experiment import artifact
@@ -735,6 +735,16 @@ register_profile('archive',
               tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=32),
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
                tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None, builder='batched', slots=64));
+
+# %% ../nbs/11_archive.ipynb #e694ffeb
+_SIZE_SKIP = ("the curve needs one archive of the largest size and one classifier training per size, minutes each on two CPU cores: "
+              "run the 'science' profile after the demo (papermill nbs/12a_archive_size.ipynb out.ipynb -p profile science)")
+register_profile('archive_size',                  # notebook 12a: Table 2 against archive size
+    smoke=dict(sizes=[24, 36], size_networks='random', size_from=None, skip_reason=''),
+    demo=dict(sizes=[], size_networks='auto', size_from=None, skip_reason=_SIZE_SKIP),
+    paper=dict(sizes=[], size_networks='auto', size_from=None, skip_reason='a curve of paper-scale archives (up to 78,484 images) needs GPUs; '
+               "run the 'science' profile on the demo's networks, or set sizes (-p sizes '[...]') on a GPU host"))
+derive_profile('science', 'demo', sizes=[60, 240, 840, 2520], size_from='demo', skip_reason='');
 
 # %% ../nbs/11_archive.ipynb #a14b602a
 def archive_parser() -> CLIParser:
