@@ -804,7 +804,7 @@ def bench_archive(generator=None, classifier=None, n: int = 24, resolution: int 
     """Images/s of the serial and the batched builder writing the same archive (same networks, knobs and N) one after the
     other, and their ratio. Without networks: random ones at `resolution` (`latent.random_networks`; mechanics only)."""
     import tempfile
-    from .latent import random_networks
+    from cxr_pggan.latent import random_networks
     td = Path(tempfile.mkdtemp(prefix='bench_archive_'))
     rand = generator is None or classifier is None
     if rand: generator, classifier = random_networks(td / 'nets', resolution, seed)
