@@ -10,6 +10,7 @@ from cxr_pggan import archive as A
 from cxr_pggan.classifier import load_classifier, save_classifier
 from cxr_pggan.core import TimeBudget
 from cxr_pggan.latent import random_networks
+from cxr_pggan.cli import main
 from test_bad_inputs import cli, one_error, tree
 
 CPU = torch.device('cpu')
@@ -48,7 +49,7 @@ def test_kill_9_resume_is_byte_identical(tmp_path, nets):
     gp, cp = nets
     args = lambda out: ['archive', '--generator', gp, '--classifier', cp, '--n', 20, '--steps', 5, '--slots', 4, '--candidates', 2,
                         '--seed', 1, '--out', out]
-    assert cli(tmp_path, *args(tmp_path / 'whole')).returncode == 0
+    assert main([str(a) for a in args(tmp_path / 'whole')]) == 0           # in this process: the same code as the command
     out = tmp_path / 'killed'
     e = dict(os.environ, TQDM_DISABLE='1', CXR_PGGAN_OUTPUTS=str(tmp_path / 'outputs'), OMP_NUM_THREADS='1')
     p = subprocess.Popen([sys.executable, '-m', 'cxr_pggan', *map(str, args(out))], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,28 +76,36 @@ def test_targets_that_never_converge_stop_with_the_reason(tmp_path, nets):
     assert not (tmp_path / 'arch' / 'targets.json').exists()
 
 
-def test_label_sets_fall_back_to_single_labels(tmp_path, nets):
+def test_label_sets_fall_back_to_single_labels(tmp_path, nets, capsys):
     "Every finding always above its threshold: no label set can be exact, so the archive falls back to single labels (and says so)."
     gp, cp = nets
     clf = load_classifier(cp); clf.thresholds.fill_(-1e6)
     always = save_classifier(clf, tmp_path / 'always.pt')
-    r = cli(tmp_path, 'archive', '--generator', gp, '--classifier', always, '--n', 6, '--steps', 2, '--candidates', 2, '--max-attempts', 1,
-            '--slots', 4, '--out', tmp_path / 'arch')
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert 'falling back to single-label targets' in r.stdout
+    assert main(['archive', '--generator', str(gp), '--classifier', str(always), '--n', '6', '--steps', '2', '--candidates', '2',
+                 '--max-attempts', '1', '--slots', '4', '--out', str(tmp_path / 'arch')]) == 0
+    assert 'falling back to single-label targets' in capsys.readouterr().out
     tg = json.loads((tmp_path / 'arch' / 'targets.json').read_text())
     assert tg['exclusive'] is False and 'No Finding' not in tg['schedule'] and len(tg['schedule']) == len(json.loads((tmp_path / 'arch' / 'archive.json').read_text())['patients'])
     meta = pd.read_csv(tmp_path / 'arch' / A.CSV_NAME)
     assert len(meta) == 6 and all(t in labs.split('|') for t, labs in zip(meta['Target Class'], meta['Finding Labels']))
 
 
-@pytest.mark.parametrize('case', ['builder', 'bench_half', 'bench_missing'])
+@pytest.mark.parametrize('case', ['builder', 'bench_missing'])
 def test_bad_options(tmp_path, nets, case):
     gp, cp = nets
     before = tree(cp)
     argv, needles = dict(
         builder=(['archive', '--generator', gp, '--classifier', cp, '--n', 3, '--out', tmp_path / 'a', '--builder', 'fast'], ['--builder', 'fast']),
-        bench_half=(['bench', 'archive', '--generator', gp], ['--generator and --classifier together']),
         bench_missing=(['bench', 'archive', '--generator', tmp_path / 'no.pt', '--classifier', cp], ['no.pt', 'no such checkpoint']))[case]
     one_error(cli(tmp_path, *argv), *needles)
     assert tree(cp) == before and not (tmp_path / 'a').exists()
+
+
+def test_time_budget_stops_cleanly_and_the_rerun_finishes(tmp_path, nets):
+    "A budget already spent: no patient is started, the summary says how to resume, and the same call without it finishes the archive."
+    gp, cp = nets
+    kw = dict(steps=4, seed=2, builder='batched', slots=4, candidates=2, max_attempts=2, report_every=3600)
+    s = A.build_archive(gp, cp, 8, tmp_path / 'b', time_budget=1e-9, **kw)
+    assert s['stopped'] and s['written_this_run'] == 0 and 'resume' in s['resume_hint'] and not (tmp_path / 'b' / A.CSV_NAME).exists()
+    s = A.build_archive(gp, cp, 8, tmp_path / 'b', **kw)
+    assert s['complete'] and s['images'] == 8
