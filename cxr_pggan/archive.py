@@ -4,18 +4,18 @@
 
 # %% ../nbs/11_archive.ipynb #31059c1d
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, re, shutil, sys, time, warnings
+import argparse, dataclasses, json, math, os, re, shutil, sys, time, warnings, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
-from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int,
-                            progress, register_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
+from .core import (CLIParser, atomic_path, atomic_write, check_all_writable, check_device, claim_folder, dist_env, file_sha256, foreign_files, positive_int, write_bench_json,
+                            progress, register_profile, derive_profile, remove_owned, write_provenance, seed_everything, OutputExistsError, TimeBudget)
 from .classifier import CXRClassifier, load_classifier
 from .data import LABELS, FINDINGS, load_metadata, parse_labels, read_image
 from .experiment import artifact
-from .latent import optimise_class, class_index, label_set
-from .pggan import as_image_generator
+from .latent import optimise_class, optimise_slots, patient_jobs, class_index, label_set
+from .pggan import as_image_generator, sample_z
 from .privacy import release_cli
 
 # %% auto #0
@@ -23,8 +23,10 @@ __all__ = ['CSV_NAME', 'ARCHIVE_FORMAT', 'reference_prevalence', 'plan_patients'
            'reference_combos', 'choose_target', 'final_labels', 'patient_candidates', 'make_patient', 'ArchiveConfig',
            'open_archive_folder', 'archive_networks', 'plan_conflicts', 'archive_plan', 'ArchiveProgress',
            'resume_state', 'ArchiveConvergenceError', 'generate_patient', 'record_patient', 'generate_patients',
-           'archive_rows', 'prevalence_table', 'finalise_archive', 'finish_archive', 'build_archive', 'archive_parser',
-           'archive_cli']
+           'target_schedule', 'target_chain', 'label_latents', 'choose_candidate', 'probe_targets', 'classifier_auc',
+           'convergence_advice', 'archive_targets', 'ConvergenceReport', 'generate_patients_batched', 'archive_rows',
+           'prevalence_table', 'finalise_archive', 'finish_archive', 'build_archive', 'archive_parser', 'archive_cli',
+           'bench_archive', 'bench_archive_cli']
 
 # %% ../nbs/11_archive.ipynb #970a1b80
 CSV_NAME = 'Data_Entry_2017.csv'
@@ -185,6 +187,9 @@ class ArchiveConfig:
     device: str | None = None                        # 'cuda', 'cuda:1', 'cpu' (None: cuda:LOCAL_RANK when present)
     trust_pickle: bool = False                       # allow full unpickling of a trusted GAN checkpoint
     force: bool = False                              # write into a non-empty folder beside its files (never changing them)
+    builder: str = 'serial'                          # 'serial': one patient after another; 'batched': many patients share `slots` latent slots (`cxr-pggan archive`'s default)
+    slots: int = 32                                  # latents optimised together by the batched builder (fixed; part of the plan)
+    report_every: float = 30.0                       # seconds between the batched builder's convergence reports
     time_budget: str | float | None = None           # e.g. '11h30m': stop cleanly after the patient that would overrun it
     resume_from: str | Path | None = None            # an unfinished archive in a read-only folder: copied into the new `out`, then continued
 
@@ -251,7 +256,7 @@ def archive_plan(out: Path, n: int, G, clf, classifier, config: ArchiveConfig, d
                 reference=str(reference) if reference is not None and not isinstance(reference, pd.Series) else 'NIH v2020 (torchxrayvision)',
                 reference_prevalence=prev[LABELS].to_dict(), tolerance=c.tolerance, sigma=c.sigma, steps=c.steps, lr=c.lr,
                 candidates=c.candidates, max_attempts=c.max_attempts, jitter=c.jitter, exclusive=c.exclusive, reference_combos=combos,
-                match_reference=c.match_reference, normalise=c.normalise, images_per_patient=[int(v) for v in np.atleast_1d(c.images_per_patient)],
+                match_reference=c.match_reference, normalise=c.normalise, builder=c.builder, slots=int(c.slots), images_per_patient=[int(v) for v in np.atleast_1d(c.images_per_patient)],
                 resolution=None, labels=LABELS, thresholds=clf.thresholds.cpu().tolist(), generator=G.weights,
                 generator_sha256=gsha, classifier=str(classifier) if csha else None, classifier_sha256=csha)
     with torch.no_grad(): plan['resolution'] = int(G.to(device)(torch.zeros(1, G.latent_dim, device=device)).shape[-1])
@@ -359,6 +364,274 @@ def generate_patients(G, clf, out: Path, plan: dict, prev: pd.Series, state: Arc
         if budget.should_stop() and j < len(state.todo) - 1: return written, True
     return written, False
 
+# %% ../nbs/11_archive.ipynb #ce3085e8
+def target_schedule(plan: dict, prev: pd.Series, allowed: list[str] | None = None, exclusive: bool | None = None) -> list[str]:
+    """The target of every planned patient, fixed from the plan alone: `choose_target`'s rule (one-class: `choose_class`'s)
+    with the counts that every earlier patient's target would add. Decided before any patient is optimised, so patients
+    can share a batch, and a resumed archive gives each patient the target it had. `allowed`: the targets to choose from."""
+    exclusive = plan.get('exclusive', False) if exclusive is None else exclusive
+    pool = list(allowed if allowed is not None else ((plan.get('reference_combos') or list(LABELS)) if exclusive else LABELS))
+    if not pool: raise ValueError("no target left to schedule")
+    p = prev[LABELS].to_numpy(float)
+    M = np.array([[l in t.split('|') for l in LABELS] for t in pool], float)
+    counts, n, out = np.zeros(len(LABELS)), 0, []
+    for k in plan['patients']:
+        i = int(np.argmin(np.abs((counts + k * M) / (n + k) - p).sum(1))) if exclusive else int(np.argmax(M @ p * (n + k) - M @ counts))
+        out.append(pool[i]); counts += k * M[i]; n += k
+    return out
+
+# %% ../nbs/11_archive.ipynb #9ea1b187
+def target_chain(target: str, exclusive: bool, prev: pd.Series) -> list[tuple[str, bool]]:
+    """The targets a patient tries in turn, `(target, exclusive)`: its label set (exclusive), then, the paper's way, each of
+    its labels alone with whatever else the classifier says, rarest first; a one-class plan: its class alone."""
+    if not exclusive: return [(target, False)]
+    return [(target, True)] + [(l, False) for l in sorted(target.split('|'), key=lambda l: (float(prev[l]), LABELS.index(l)))]
+
+# %% ../nbs/11_archive.ipynb #1da2d249
+def _fixed_batches(fn, x: torch.Tensor, size: int) -> torch.Tensor:
+    "`fn` on `x` in chunks of exactly `size` rows (the last padded with zeros): a row's output depends on that row alone."
+    outs = []
+    for s in range(0, len(x), size):
+        b = x[s:s + size]; n = len(b)
+        if n < size: b = torch.cat([b, b.new_zeros(size - n, *b.shape[1:])])
+        outs.append(fn(b)[:n])
+    return torch.cat(outs)
+
+@torch.no_grad()
+def label_latents(G, clf, z: torch.Tensor, device, batch: int = 32) -> tuple[np.ndarray, list[str], torch.Tensor]:
+    """`(8-bit images, final labels, logits)` of G(z), labelled as `read_image` will see the written PNGs, in fixed batches
+    of `batch` (so a latent's labels never depend on the others)."""
+    G, dev = as_image_generator(G).to(device), torch.device(device)
+    ims = _fixed_batches(lambda b: G(b.to(dev)).float().cpu(), z.float().cpu(), batch)
+    arrs = np.stack([_to_png(im) for im in ims])
+    lg = _fixed_batches(lambda b: clf(b.to(dev)).float().cpu(), torch.from_numpy(arrs.astype(np.float32) / 255.0)[:, None], batch)
+    return arrs, final_labels(lg, clf.thresholds.cpu(), clf.labels), lg
+
+# %% ../nbs/11_archive.ipynb #600635c8
+def _accepts(labels0: str, target: str, exclusive: bool) -> bool:
+    "Whether a z*'s own labels are the target (exclusive) or carry it ('No Finding': no finding at all)."
+    return labels0 == target if exclusive else target in labels0.split('|')
+
+def choose_candidate(G, clf, results: list, k: int, target: str, exclusive: bool, s: int, sigma: float, device, gap=None,
+                     local_pool: int = 3, batch: int = 32) -> tuple[dict, int] | None:
+    """`patient_candidates`' choice from one attempt's finished latents (`SlotResult`s, in candidate order; `s` its seed):
+    every converged z* with its local samples labelled in one batched pass; the z*s whose own labels are (carry) the
+    target become candidates, with k−1 local samples (greedily by `gap`, or the first); the best by `gap` (or the first)
+    is returned with the number of candidates, `None` when there is none."""
+    conv = [j for j, r in enumerate(results) if r.converged]
+    if not conv: return None
+    m = (k - 1) * (local_pool if gap is not None else 1)
+    zs = []
+    for j in conv:
+        z0 = results[j].z.float()[None]
+        zs.append(torch.cat([z0, z0 + sigma * torch.randn(m, z0.shape[1], generator=torch.Generator().manual_seed(s + 17 + 7919 * j))]))
+    arrs, labs, lg = label_latents(G, clf, torch.cat(zs), device, batch)
+    cands = []
+    for q, j in enumerate(conv):
+        o = q * (m + 1); a, l, L = arrs[o:o + m + 1], labs[o:o + m + 1], lg[o:o + m + 1]
+        if not _accepts(l[0], target, exclusive): continue
+        keep = [0]
+        for _ in range(k - 1):
+            rest = [i for i in range(1, m + 1) if i not in keep]
+            keep.append(rest[0] if gap is None else min(rest, key=lambda i: gap([l[q_] for q_ in keep + [i]])))
+        cands.append(dict(j=j, arrs=a[keep], labels=[l[i] for i in keep], logits=L[keep]))
+    if not cands: return None
+    return (min(cands, key=lambda d: gap(d['labels'])) if gap is not None else cands[0]), len(cands)
+
+# %% ../nbs/11_archive.ipynb #d96ab35a
+def _probe_seed(seed: int, target: str, exclusive: bool, attempt: int) -> int:
+    return (seed * 1_000_003 + 977 + 131 * attempt + zlib.crc32(f'{target}|{exclusive}'.encode())) % 2**62
+
+def probe_targets(G, clf, targets: list[str], exclusive: bool, plan: dict, device, slots: int = 32) -> dict[str, dict]:
+    """Up to `max_attempts` attempts of `candidates` latents per target (seeded by the target's name), all targets through
+    the same slots, until one latent converges and its own written image carries the target (`accepted`)."""
+    out = {t: dict(exclusive=exclusive, tried=0, converged=0, accepted=0) for t in targets}
+    for a in range(plan['max_attempts']):
+        todo = [t for t in targets if not out[t]['accepted']]
+        if not todo: break
+        jobs = [j for t in todo for j in patient_jobs(clf, t, t, plan['candidates'], _probe_seed(plan['seed'], t, exclusive, a), plan['steps'],
+                                                     exclusive, plan.get('jitter', False), latent_dim=G.latent_dim)]
+        res = {j.key: r for j, r in optimise_slots(G, clf, lambda: jobs.pop(0) if jobs else None, slots, plan['lr'], plan.get('normalise', True),
+                                                   device=device)}
+        for t in todo:
+            conv = [res[(t, i)] for i in range(plan['candidates']) if res[(t, i)].converged]
+            labs = label_latents(G, clf, torch.stack([r.z for r in conv]), device, slots)[1] if conv else []
+            d = out[t]; d['tried'] += plan['candidates']; d['converged'] += len(conv); d['accepted'] += sum(_accepts(l, t, exclusive) for l in labs)
+    return out
+
+# %% ../nbs/11_archive.ipynb #4b325b55
+def classifier_auc(classifier) -> tuple[dict, str]:
+    "Per-label AUCs of a classifier checkpoint from the table `cxr-pggan train-classifier` writes beside it (`.auc.csv`): `(label -> AUC, source)`."
+    p = Path(classifier).with_suffix('.auc.csv') if isinstance(classifier, (str, Path)) else None
+    if p is None or not p.is_file(): return {}, 'no AUC table beside the classifier'
+    try: t = pd.read_csv(p); return {str(r.label): float(r.auc) for r in t.itertuples() if r.label in LABELS}, str(p)
+    except Exception as e: return {}, f'{p} unreadable ({type(e).__name__})'
+
+def convergence_advice(failed: dict, plan: dict, clf, classifier=None) -> str:
+    "One line: which targets fail (accepted/tried), the work each got, the classifier's thresholds and AUCs for their labels, and what to change."
+    auc, src = classifier_auc(classifier if classifier is not None else plan.get('classifier'))
+    labs = sorted({l for t in failed for l in t.split(' (')[0].split('|')}, key=LABELS.index)
+    thr = {l: round(float(clf.thresholds[LABELS.index(l)]), 3) for l in labs}
+    aucs = {l: round(auc[l], 3) for l in labs if l in auc}
+    what = ', '.join(f"{t} ({d['accepted']}/{d['tried']})" for t, d in list(failed.items())[:10]) + (f' and {len(failed) - 10} more' if len(failed) > 10 else '')
+    return (f"no target converges with this generator and classifier: {what} (accepted/tried) each failed {plan['max_attempts']} attempt(s) of "
+            f"{plan['candidates']} candidate latent(s) x {plan['steps']} step(s) (lr {plan['lr']}) without reaching the classifier's thresholds "
+            f"{thr}; its AUCs {aucs or 'unknown'} ({src}); raise --steps, --lr, --candidates or --max-attempts, use --single-class, or train "
+            "a better classifier (`cxr-pggan train-classifier`; findings near AUC 0.5 rarely converge) and a generator whose images reach its thresholds")
+
+# %% ../nbs/11_archive.ipynb #d8de9726
+def archive_targets(G, clf, out: Path, plan: dict, prev: pd.Series, device, rank: int = 0, world: int = 1, log=print) -> dict:
+    """Every patient's target, fixed before the first patient (kept in `out/targets.json`, so a resumed run reads it): the
+    targets the schedule (`target_schedule`) uses are probed (`probe_targets`); those that never converge are dropped and
+    the schedule made again without them. When most label sets fail, the archive falls back to single labels, the paper's
+    way (each label optimised alone, other findings as the classifier says). `ArchiveConvergenceError` when none is left."""
+    path = out / 'targets.json'
+    if not path.exists() and rank == 0:
+        slots, probes, note = int(plan.get('slots', 32)), {}, ''
+        for exclusive in ([True, False] if plan.get('exclusive', False) else [False]):
+            pool = list(plan.get('reference_combos') or LABELS) if exclusive else list(LABELS)
+            mine, dropped = {}, []
+            while True:
+                allowed = [t for t in pool if t not in dropped]
+                if not allowed: break
+                sched = target_schedule(plan, prev, allowed, exclusive)
+                new = [t for t in dict.fromkeys(sched) if t not in mine]
+                if not new: break
+                mine |= probe_targets(G, clf, new, exclusive, plan, device, slots)
+                dropped += [t for t in new if not mine[t]['accepted']]
+            probes |= {(t if exclusive or not plan.get('exclusive') else f'{t} (one class)'): d for t, d in mine.items()}
+            failed = [t for t in mine if not mine[t]['accepted']]
+            if exclusive and allowed and len(failed) * 2 <= len(mine): break          # most label sets converge: keep them
+            if exclusive:
+                note = (f"label sets do not converge ({len(failed)} of {len(mine)} failed: {', '.join(failed[:8])}{' …' if len(failed) > 8 else ''}); "
+                        "falling back to single-label targets, the paper's way (each label optimised alone)")
+                log(f"archive: {note}", flush=True)
+        if not allowed:
+            raise ArchiveConvergenceError(convergence_advice({t: d for t, d in mine.items() if not d['accepted']}, plan, clf))
+        atomic_write(path, json.dumps(dict(exclusive=exclusive, schedule=sched, allowed=allowed, dropped=sorted(dropped), fallback_note=note,
+                                           probes=probes), indent=1))
+    if world > 1: torch.distributed.barrier()
+    return json.loads(path.read_text())
+
+# %% ../nbs/11_archive.ipynb #e6ceafbb
+class _Writer:
+    "PNGs and records written by one background thread, in order, off the optimisation's critical path; the first error is re-raised."
+    def __init__(self, maxsize: int = 64):
+        import queue, threading
+        self.q, self.error, self.done = queue.Queue(maxsize), None, 0
+        self.t = threading.Thread(target=self._run, daemon=True); self.t.start()
+    def _run(self):
+        while (task := self.q.get()) is not None:
+            if self.error is None:
+                try: task(); self.done += 1
+                except BaseException as e: self.error = e
+    def put(self, task):
+        if self.error is not None: raise self.error
+        self.q.put(task)
+    def close(self):
+        self.q.put(None); self.t.join()
+        if self.error is not None: raise self.error
+
+def _write_patient(out: Path, pid: int, names: list, arrs, record: dict):
+    for arr, nm in zip(arrs, names): _write_png(arr, out / 'images' / nm)
+    atomic_write(out / 'records' / f'{pid:08d}.json', json.dumps(record))      # after its PNGs: a patient without a record is redone
+
+# %% ../nbs/11_archive.ipynb #73a82338
+class ConvergenceReport:
+    "The terminal report of a batched archive: images written, share of attempts converged per target so far, images/s and the time left."
+    def __init__(self, total: int, done: int, every: float = 30.0, log=print):
+        self.total, self.start_done, self.every, self.log = total, done, every, log
+        self.t0 = self.last = time.time(); self.tried, self.ok, self.images = {}, {}, done
+    def attempt(self, target: str, ok: bool):
+        self.tried[target] = self.tried.get(target, 0) + 1; self.ok[target] = self.ok.get(target, 0) + int(ok)
+    def line(self) -> str:
+        el = time.time() - self.t0; new = self.images - self.start_done; rate = new / el if el > 0 else 0.0
+        left = (self.total - self.images) / rate if rate > 0 else float('nan')
+        share = ', '.join(f"{t} {self.ok[t]}/{self.tried[t]}" for t in sorted(self.tried, key=lambda t: -self.tried[t])[:8])
+        eta = f"~{left / 60:.1f} min left" if math.isfinite(left) else 'time left unknown yet'
+        return f"archive: {self.images}/{self.total} images, {rate:.2f} images/s, {eta}; attempts converged per target: {share or 'none yet'}"
+    def tick(self, images: int = 0, force: bool = False):
+        self.images += images
+        if force or time.time() - self.last >= self.every: self.log(self.line(), flush=True); self.last = time.time()
+
+# %% ../nbs/11_archive.ipynb #cf02fa0e
+class _Patient:
+    "A patient in flight: its chain of targets, where it stands in it, and the finished latents of its current attempt."
+    def __init__(self, pid: int, k: int, chain: list):
+        self.pid, self.k, self.chain, self.ti, self.attempt, self.total = pid, k, chain, 0, 0, 0
+        self.pending, self.results = [], {}
+
+def generate_patients_batched(G, clf, out: Path, plan: dict, prev: pd.Series, state: ArchiveProgress, config: ArchiveConfig, device,
+                              budget: TimeBudget, rank: int = 0, world: int = 1) -> tuple[int, bool]:
+    """`generate_patients`, many patients at once: their latents share `plan['slots']` slots of `latent.optimise_slots` (a
+    patient's next attempt, or the next patient, fills a freed slot), local samples are labelled in batches, and a writer
+    thread writes PNGs and records. Targets come from `archive_targets` (fixed per patient), each patient tries its
+    `target_chain` with its own seeds: its result depends on nothing but the plan and its id, so a resumed (or sharded)
+    archive is byte-identical. Reports convergence as it goes; stops early (`ArchiveConvergenceError`, saying why) when
+    a patient exhausts its chain. Returns the images written and whether the time budget stopped it."""
+    tg = archive_targets(G, clf, out, plan, prev, device, rank, world)
+    sched, exclusive, slots = tg['schedule'], tg['exclusive'], int(plan.get('slots', 32))
+    state.dropped |= set(tg['dropped'])
+    P = prev[LABELS].to_numpy(float); vec = {}
+    def v(l):
+        if l not in vec: vec[l] = np.array([x in l.split('|') for x in LABELS], float)
+        return vec[l]
+    before, c, n = [], np.zeros(len(LABELS)), 0                       # the counts of the targets planned before each patient
+    for t, k in zip(sched, plan['patients']): before.append((c.copy(), n)); c += k * v(t); n += k
+    todo, flight, writer = list(state.todo), [], _Writer()
+    report = ConvergenceReport(sum(plan['patients']), state.n_done, config.report_every)
+    written, stopped, t_last = 0, False, time.time()
+    def start(pid):                                                   # its chain, then the other targets, closest to the reference first
+        chain, (cb, nb), k = target_chain(sched[pid], exclusive, prev), before[pid], plan['patients'][pid]
+        rest = sorted((t for t in tg['allowed'] if (t, exclusive) not in chain), key=lambda t: float(np.abs((cb + k * v(t)) / (nb + k) - P).sum()))
+        p = _Patient(pid, k, chain + [(t, exclusive) for t in rest]); new_attempt(p); flight.append(p)
+    def new_attempt(p):
+        t, ex = p.chain[p.ti]; p.results = {}
+        p.seed = _patient_rng_seed(plan['seed'], p.pid, p.total)
+        p.pending = patient_jobs(clf, t, p.pid, plan['candidates'], p.seed, plan['steps'], ex, plan.get('jitter', False), latent_dim=G.latent_dim)
+    def feed():
+        nonlocal stopped
+        for p in flight:
+            if p.pending: return p.pending.pop(0)
+        if todo and budget.should_stop(): stopped = True; todo.clear()
+        if todo: start(todo.pop(0)); return flight[-1].pending.pop(0)
+        return None
+    def finish(p):
+        t, ex = p.chain[p.ti]
+        cb, nb = before[p.pid]
+        gap = (lambda labs: float(np.abs((cb + sum(v(l) for l in labs)) / (nb + len(labs)) - P).sum())) if plan.get('match_reference', True) else None
+        found = choose_candidate(G, clf, [p.results[i] for i in range(plan['candidates'])], p.k, t, ex, p.seed, plan['sigma'], device, gap,
+                                 batch=slots)
+        report.attempt(t if ex or not exclusive else f'{t} (one class)', found is not None)
+        p.total += 1; p.attempt += 1
+        if found is None:
+            if p.attempt >= plan['max_attempts']: p.ti, p.attempt = p.ti + 1, 0
+            if p.ti >= len(p.chain):
+                fails = {f'{t_} ({"set" if ex_ else "one class"})': dict(accepted=0, tried=plan['max_attempts'] * plan['candidates']) for t_, ex_ in p.chain}
+                raise ArchiveConvergenceError(f"patient {p.pid}: " + convergence_advice(fails, plan, clf))
+            new_attempt(p); return
+        best, ncand = found; r = p.results[best['j']]
+        names = [f'{p.pid:08d}_{fu:03d}.png' for fu in range(p.k)]
+        check_all_writable([out / 'images' / nm for nm in names], out)
+        rec = dict(pid=p.pid, target=t, planned_target=sched[p.pid], exclusive=ex, attempts=p.total, candidates=ncand, steps=r.steps,
+                   z_star=r.z.tolist(), images=[dict(name=nm, follow_up=fu, labels=l, logits=[round(float(x), 5) for x in lg])
+                                                for fu, (nm, l, lg) in enumerate(zip(names, best['labels'], best['logits']))],
+                   dropped_classes=sorted(state.dropped))
+        writer.put(lambda: _write_patient(out, p.pid, names, best['arrs'], rec))
+        state.add(p.pid, rec); flight.remove(p); report.tick(p.k)
+    try:
+        for job, res in optimise_slots(G, clf, feed, slots, plan['lr'], plan.get('normalise', True), device=device):
+            p = next(q for q in flight if q.pid == job.key[0])
+            p.results[job.key[1]] = res
+            if len(p.results) == plan['candidates']:
+                k = p.k; finish(p)
+                if p not in flight:
+                    written += k; budget.step_took(time.time() - t_last); t_last = time.time()
+    finally:
+        writer.close()
+    report.tick(force=True)
+    return written, stopped and len(state.records) < len(plan['patients'])
+
 # %% ../nbs/11_archive.ipynb #38e91ff5
 def archive_rows(out: Path, records: dict[int, dict], plan: dict) -> pd.DataFrame:
     "The NIH-layout metadata frame of a finished archive (one row per image, in patient/follow-up order)."
@@ -439,6 +712,8 @@ def build_archive(generator, classifier, n: int, out: str | Path, *, config: Arc
     cleanly after the patient that would overrun it (summary `stopped`, `resume_hint`); `resume_from`: an unfinished
     archive in a read-only folder (an earlier session's output), copied into the new, empty `out` first, then continued there."""
     config = dataclasses.replace(config or ArchiveConfig(), **knobs)
+    if config.builder not in ('serial', 'batched'): raise ValueError(f"builder must be 'serial' or 'batched', got {config.builder!r}")
+    if int(config.slots) < 1: raise ValueError(f"slots must be >= 1, got {config.slots}")
     out, budget = Path(out), TimeBudget(config.time_budget)
     rank, world, local = open_archive_folder(out, n, config)
     device = torch.device(config.device or (f'cuda:{local}' if torch.cuda.is_available() else 'cpu'))
@@ -446,17 +721,30 @@ def build_archive(generator, classifier, n: int, out: str | Path, *, config: Arc
     plan, prev = archive_plan(out, n, G, clf, classifier, config, device, rank, world)
     state = resume_state(out, plan, rank, world)
     t0 = time.time()
-    written, stopped = generate_patients(G, clf, out, plan, prev, state, config, device, budget, rank, world)
+    builder = plan.get('builder', 'serial')                # the plan's: a resumed archive keeps the builder it was started with
+    if builder != config.builder and rank == 0: print(f"{out}: started with the {builder} builder; continuing with it", flush=True)
+    gen = generate_patients_batched if builder == 'batched' else generate_patients
+    written, stopped = gen(G, clf, out, plan, prev, state, config, device, budget, rank, world)
     return finish_archive(out, state, plan, written, stopped, time.time() - t0, config, rank, world)
 
 # %% ../nbs/11_archive.ipynb #109c21fb
 register_profile('archive',
     smoke=dict(generator='random', classifier='random', n=12, steps=10, lr=0.05, normalise=True, candidates=4, max_attempts=3,
-               tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0, time_budget=None),
-    demo=dict(generator='auto', classifier='auto', n=60, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
-              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None),
+               tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=8),
+    demo=dict(generator='auto', classifier='auto', n=120, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
+              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=32),
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
-               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None));
+               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None, builder='batched', slots=64));
+
+# %% ../nbs/11_archive.ipynb #e694ffeb
+_SIZE_SKIP = ("the curve needs one archive of the largest size and one classifier training per size, minutes each on two CPU cores: "
+              "run the 'science' profile after the demo (papermill nbs/12a_archive_size.ipynb out.ipynb -p profile science)")
+register_profile('archive_size',                  # notebook 12a: Table 2 against archive size
+    smoke=dict(sizes=[24, 36], size_networks='random', size_from=None, skip_reason=''),
+    demo=dict(sizes=[], size_networks='auto', size_from=None, skip_reason=_SIZE_SKIP),
+    paper=dict(sizes=[], size_networks='auto', size_from=None, skip_reason='a curve of paper-scale archives (up to 78,484 images) needs GPUs; '
+               "run the 'science' profile on the demo's networks, or set sizes (-p sizes '[...]') on a GPU host"))
+derive_profile('science', 'demo', sizes=[60, 240, 840, 2520], size_from='demo', skip_reason='');
 
 # %% ../nbs/11_archive.ipynb #a14b602a
 def archive_parser() -> CLIParser:
@@ -483,6 +771,10 @@ def archive_parser() -> CLIParser:
     ap.add_argument('--no-match', action='store_true', help="take the first converged candidate and the first local samples (the paper) "
                     "instead of choosing them greedily to match the reference proportions")
     ap.add_argument('--plain-step', action='store_true', help="the paper's plain gradient step z += lr·grad (default: normalised steps)")
+    ap.add_argument('--builder', choices=['batched', 'serial'], default='batched', help="'batched': many patients share --slots latent slots, "
+                    "PNGs written by a background thread (default); 'serial': one patient after another (the earlier builder)")
+    ap.add_argument('--slots', type=positive_int, default=32, help='latents optimised together by the batched builder')
+    ap.add_argument('--report-every', type=float, default=30.0, help='seconds between convergence reports (batched builder)')
     ap.add_argument('--time-budget', help="e.g. 11h30m: stop cleanly (exit 0) after the patient that would overrun it; run again to continue")
     ap.add_argument('--resume-from', metavar='DIR', help="an unfinished archive in a read-only folder (an earlier session's output): copied into --out, then continued")
     return ap
@@ -496,11 +788,58 @@ def archive_cli(argv: list[str]) -> int:
     config = ArchiveConfig(reference=a.reference, tolerance=a.tolerance, images_per_patient=tuple(a.images_per_patient), sigma=a.sigma,
                            steps=a.steps, lr=a.lr, candidates=a.candidates, max_attempts=a.max_attempts, jitter=a.jitter, seed=a.seed,
                            device=a.device, trust_pickle=a.trust_pickle, exclusive=not a.single_class, match_reference=not a.no_match,
-                           normalise=not a.plain_step, force=a.force, time_budget=a.time_budget, resume_from=a.resume_from)
+                           normalise=not a.plain_step, force=a.force, time_budget=a.time_budget, resume_from=a.resume_from,
+                           builder=a.builder, slots=a.slots, report_every=a.report_every)
     s = build_archive(a.generator, a.classifier, a.n, a.out, config=config)
     if s.get('complete'):
         print(s['prevalence'].to_string(index=False, float_format='%.3f'))
         print(f"{s['images']} images of {s['patients']} patients in {a.out}; max |archive - reference| prevalence "
               f"{s['max_abs_prevalence_diff']:.3f} ({'within' if s['within_tolerance'] else 'OUTSIDE'} tolerance {s['tolerance']})"
               + (f"; classes that never converged: {s['dropped_classes']}" if s['dropped_classes'] else ''))
+    return 0
+
+# %% ../nbs/11_archive.ipynb #ba277a8d
+def bench_archive(generator=None, classifier=None, n: int = 24, resolution: int = 32, steps: int = 20, candidates: int = 4,
+                  slots: int = 32, max_attempts: int = 3, device=None, seed: int = 0, single_class: bool = False) -> dict:
+    """Images/s of the serial and the batched builder writing the same archive (same networks, knobs and N) one after the
+    other, and their ratio. Without networks: random ones at `resolution` (`latent.random_networks`; mechanics only)."""
+    import tempfile
+    from cxr_pggan.latent import random_networks
+    td = Path(tempfile.mkdtemp(prefix='bench_archive_'))
+    rand = generator is None or classifier is None
+    if rand: generator, classifier = random_networks(td / 'nets', resolution, seed)
+    cfg = ArchiveConfig(steps=steps, candidates=candidates, slots=slots, max_attempts=max_attempts, seed=seed, device=device,
+                        exclusive=not single_class, report_every=3600)
+    runs = {}
+    for b in ('serial', 'batched'):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore'); s = build_archive(generator, classifier, n, td / b, config=dataclasses.replace(cfg, builder=b))
+        sec = time.perf_counter() - t0
+        runs[b] = dict(seconds=sec, images=s['images'], images_per_s=s['images'] / sec, dropped_classes=s['dropped_classes'])
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    shutil.rmtree(td, ignore_errors=True)                      # a temporary folder this function made
+    return dict(bench='archive', n=n, resolution=resolution if rand else None, networks='random (mechanics only)' if rand else 'given',
+                generator=None if rand else str(generator), classifier=None if rand else str(classifier), steps=steps, candidates=candidates, slots=slots, max_attempts=max_attempts,
+                exclusive=not single_class, precision='fp32', device_type=dev.type, serial=runs['serial'], batched=runs['batched'],
+                ratio=runs['batched']['images_per_s'] / runs['serial']['images_per_s'])
+
+# %% ../nbs/11_archive.ipynb #f3fbc33d
+def bench_archive_cli(argv: list[str]) -> int:
+    ap = CLIParser(prog='cxr-pggan bench archive', description='images/s of the serial and the batched archive builder on the same networks, and their ratio.')
+    ap.add_argument('--generator', help='GAN checkpoint (default: random networks at --resolution, mechanics only)')
+    ap.add_argument('--classifier', help='classifier checkpoint (with --generator)')
+    ap.add_argument('--n', type=positive_int, default=24, help='images per archive'); ap.add_argument('--resolution', type=int, default=32)
+    ap.add_argument('--steps', type=positive_int, default=20); ap.add_argument('--candidates', type=positive_int, default=4)
+    ap.add_argument('--slots', type=positive_int, default=32); ap.add_argument('--max-attempts', type=positive_int, default=3)
+    ap.add_argument('--single-class', action='store_true', help="one label per patient (the paper's Algorithm 1)")
+    ap.add_argument('--device'); ap.add_argument('--json')
+    a = ap.parse_args(argv)
+    if (a.generator is None) != (a.classifier is None): ap.error('give --generator and --classifier together (or neither, for random networks)')
+    for f in (a.generator, a.classifier):
+        if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{f}: no such checkpoint; give a GAN and a classifier checkpoint, or neither")
+    check_device(a.device)
+    r = bench_archive(a.generator, a.classifier, a.n, a.resolution, a.steps, a.candidates, a.slots, a.max_attempts, a.device,
+                      single_class=a.single_class)
+    write_bench_json(dict(r, params=vars(a)), a.json)
     return 0

@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'fidelity':  ('cxr_pggan.fidelity:fidelity_cli', 'label fidelity of an archive on the phantom: share of images labelled with a finding that show it (pixel detectors)'),
     'reproduce': ('cxr_pggan.cli:reproduce_cli', 'run every paper notebook through papermill in a profile, writing outputs/'),
     'params':    ('cxr_pggan.cli:params_cli', "print a profile's resolved knobs for every notebook section (and the GAN schedule phase by phase)"),
-    'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent | privacy'),
+    'bench':     ('cxr_pggan.cli:bench_cli', 'speed/memory benchmarks writing JSON: split | phantom | gan | fid | latent | archive | privacy'),
     'study':     ('cxr_pggan.study_app:study_cli', 'self-hosted reader study: create | add-reader | readers | serve | export (paper 4.4)'),
     'train-encoder': ('cxr_pggan.synthetic:train_encoder_cli', "latent encoder of a GAN (D retrained to predict z; Table 2 'Embedded'); resumable"),
     'embed':     ('cxr_pggan.synthetic:embed_cli', 'write G(E(x)) for every real image of a folder in the NIH layout (names, patients, labels kept)'),
@@ -42,6 +42,7 @@ BENCHES: dict[str, str] = {
     'phantom': 'cxr_pggan.phantom:bench_phantom_cli',
     'gan':     'cxr_pggan.train:bench_gan_cli',
     'latent':  'cxr_pggan.latent:bench_latent_cli',
+    'archive': 'cxr_pggan.archive:bench_archive_cli',
     'fid':     'cxr_pggan.features:bench_fid_cli',
     'privacy': 'cxr_pggan.privacy:bench_privacy_cli',
 }

@@ -19,10 +19,10 @@ from .phantom import measure as measure_phantom
 # matplotlib/seaborn are imported where a figure is drawn
 
 # %% auto #0
-__all__ = ['class_index', 'class_targets', 'LatentResult', 'label_set', 'optimise_class', 'optimise_classes', 'convergence_table',
-           'Patients', 'local_patients', 'figure7', 'figure8', 'phantom_ctr', 'class_verification',
-           'verification_figure', 'random_networks', 'resolve_networks', 'experiment_networks', 'bench_latent',
-           'bench_latent_cli']
+__all__ = ['class_index', 'class_targets', 'LatentResult', 'label_set', 'optimise_class', 'SlotJob', 'SlotResult',
+           'optimise_slots', 'patient_jobs', 'optimise_classes', 'convergence_table', 'Patients', 'local_patients',
+           'figure7', 'figure8', 'phantom_ctr', 'class_verification', 'verification_figure', 'random_networks',
+           'resolve_networks', 'experiment_networks', 'bench_latent', 'bench_latent_cli']
 
 # %% ../nbs/10_class_optimisation.ipynb #3533fa4d
 def class_index(cls, labels=LABELS) -> int:
@@ -177,6 +177,109 @@ def optimise_class(G, clf, cls, n: int | None = None, z: torch.Tensor | None = N
         zc[idx], logit[idx], nsteps[idx], logit0[idx] = zb.cpu(), lb.cpu(), sb.cpu(), l0
         conv[idx] = okb.cpu(); zsteps += k
     return LatentResult(c, '|'.join(clf.labels[j] for j in cs), z0, zc, logit0, logit, tgt, nsteps, conv, time.perf_counter() - t0, zsteps)
+
+# %% ../nbs/10_class_optimisation.ipynb #caf592ce
+@dataclass
+class SlotJob:
+    """One latent for `optimise_slots`: its start `z` (d,), the classes to reach and their `targets` (the first class is the
+    one reported), the findings `below` to push under their thresholds (a label set's exclusivity), its step limit, and a
+    `key` for the caller."""
+    key: object
+    z: torch.Tensor
+    classes: list
+    targets: list
+    below: list = field(default_factory=list)
+    steps: int = 100
+
+@dataclass
+class SlotResult:
+    "Outcome of one `SlotJob`: its final latent, the first class's starting and last logits, the steps taken and whether it converged."
+    z: torch.Tensor
+    logit0: float
+    logit: float
+    steps: int
+    converged: bool
+
+# %% ../nbs/10_class_optimisation.ipynb #78c8e9b7
+def _slot_objective(L, P, X, T, O, thr, margin: float):
+    """Per-row `(objective, done)` of `_objective` with per-row masks: `P` the first class (one-hot), `X` further classes
+    (ascended until they reach `T`), `O` findings pushed below `thr`. Each row uses its own logits only."""
+    Ld = L.detach()
+    obj = (L * P).sum(1) + (torch.where(X & (L < T), L, Ld) * X).sum(1) - (F.softplus(L - thr + margin) * O).sum(1)
+    done = ((Ld >= T) | ~(P.bool() | X)).all(1) & ((Ld < thr) | ~O).all(1)
+    return obj, done
+
+def _slot_step(zz, obj, go, gscale: float, normalise: bool, scale: float, lr: float):
+    "`_step` on the whole fixed batch (rows not going get a zero objective): every reduction keeps the batch's shape, so a row's step never depends on how many rows go."
+    g, = torch.autograd.grad((obj * go).sum() * gscale, zz, retain_graph=gscale != 1.0)
+    g = g.float() / gscale
+    if gscale != 1.0 and not torch.isfinite(g).all(): g = torch.autograd.grad((obj * go).sum(), zz)[0].float()
+    return g * (scale / g.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalise else g * lr
+
+def optimise_slots(G, clf, feed, slots: int = 32, lr: float = 0.05, normalise: bool = True, margin: float = 0.5, device=None,
+                   precision: str | None = None, stats: dict | None = None):
+    """Algorithm 1 on a stream of latents through `slots` fixed slots. `feed()` gives the next `SlotJob` (None: none now);
+    a latent that converges or runs out of its steps leaves (yielded as `(job, SlotResult)`), and the next job takes its
+    slot. Every step runs G and the classifier on all `slots` rows (an empty slot holds zeros): a fixed batch shape, and
+    networks in eval mode mix no batch elements, so a latent's result depends on its job alone, not on its companions
+    nor its slot (the logits are padded to 64 columns: a vectorised elementwise op computes its scalar
+    tail differently, which would make a row's rounding depend on where it sits). `stats` (a dict) counts 'z_steps' (latent steps of real jobs) and 'forward' (batch passes)."""
+    G = as_image_generator(G)
+    device = torch.device(device or next(clf.parameters()).device)
+    G, clf = _frozen(G.to(device)), _frozen(clf.to(device))
+    C, d = len(clf.labels), G.latent_dim
+    W = -(-C // 64) * 64                   # logits padded to 64 columns: every element takes the same (vectorised) path
+    if slots < 1: raise ValueError(f"slots must be >= 1, got {slots}")
+    thr = F.pad(clf.thresholds.detach().float().to(device), (0, W - C))
+    z = torch.zeros(slots, d, device=device)
+    P, T = torch.zeros(slots, W, device=device), torch.zeros(slots, W, device=device)
+    X, O = torch.zeros(slots, W, dtype=torch.bool, device=device), torch.zeros(slots, W, dtype=torch.bool, device=device)
+    jobs, step, l0 = [None] * slots, [0] * slots, [0.0] * slots
+    ac, gscale = _precision_context(precision, False, device)
+    scale = lr * math.sqrt(d); stats = {} if stats is None else stats
+    stats.setdefault('z_steps', 0); stats.setdefault('forward', 0)
+    while True:
+        for i in range(slots):                                          # free slots take the next jobs
+            if jobs[i] is not None: continue
+            j = feed()
+            if j is None: break
+            jobs[i], step[i] = j, 0
+            z[i] = torch.as_tensor(j.z, dtype=torch.float32).to(device)
+            P[i], X[i], T[i], O[i] = 0, False, 0, False
+            P[i, j.classes[0]] = 1; X[i, list(j.classes[1:])] = True
+            T[i, list(j.classes)] = torch.as_tensor([float(t) for t in j.targets], device=device); O[i, list(j.below)] = True
+        act = [i for i in range(slots) if jobs[i] is not None]
+        if not act: return
+        zz = z.clone().requires_grad_(True)
+        with torch.enable_grad(), ac: L = F.pad(clf(G(zz)).float(), (0, W - C))
+        obj, done = _slot_objective(L, P, X, T, O, thr, margin)
+        stats['forward'] += 1; stats['z_steps'] += len(act)
+        Ld, go, finished = L.detach().cpu(), torch.zeros(slots, dtype=torch.bool, device=device), []
+        for i in act:
+            c0 = jobs[i].classes[0]
+            if step[i] == 0: l0[i] = float(Ld[i, c0])
+            if bool(done[i]) or step[i] >= jobs[i].steps: finished.append(i)
+            else: go[i] = True
+        if go.any():
+            z = torch.where(go[:, None], z + _slot_step(zz, obj, go, gscale, normalise, scale, lr), z)
+            for i in go.nonzero().flatten().tolist(): step[i] += 1
+        for i in finished:
+            j, res = jobs[i], SlotResult(z[i].detach().cpu().clone(), l0[i], float(Ld[i, jobs[i].classes[0]]), step[i], bool(done[i]))
+            jobs[i] = None; z[i] = 0
+            yield j, res
+
+# %% ../nbs/10_class_optimisation.ipynb #595d972d
+def patient_jobs(clf, cls, key, n: int, seed: int, steps: int, exclusive: bool = False, jitter: bool = False,
+                 truncation: float = 0.7, latent_dim: int = 512) -> list[SlotJob]:
+    """The `n` latents `optimise_class(G, clf, cls, n=n, seed=seed, exclusive=..., jitter=...)` would start from, with its
+    targets, as `SlotJob`s keyed `(key, i)`: the same draws, so `optimise_slots` continues Algorithm 1 from the same place."""
+    cs = label_set(cls, clf.labels); c = cs[0]
+    if len(cs) > 1 and not exclusive: raise ValueError("a label set needs exclusive=True")
+    z = sample_z(n, latent_dim, seed=seed, truncation=truncation)
+    thr = clf.thresholds.detach().float().cpu()
+    tg = [class_targets(thr, c, n, jitter, seed)] + [class_targets(thr, j, n, jitter, seed + 31 * j) for j in cs[1:]]
+    below = [j for j, l in enumerate(clf.labels) if l != 'No Finding' and j not in cs] if exclusive else []
+    return [SlotJob((key, i), z[i], cs, [float(t[i]) for t in tg], below, steps) for i in range(n)]
 
 # %% ../nbs/10_class_optimisation.ipynb #c64930e8
 def optimise_classes(G, clf, classes=None, n_per_class: int = 16, seed: int = 0, **kw) -> dict[str, LatentResult]:
