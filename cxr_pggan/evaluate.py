@@ -21,11 +21,11 @@ from .study import analyse, create_study, load_answers, reader_study_figure
 
 # %% auto #0
 __all__ = ['SECTIONS', 'WRITER', 'REPORT_KIND', 'HEADLINES', 'CSP', 'STYLE', 'PAPER', 'WHAT', 'REPORT_FILES', 'check_sections',
-           'content_hashes', 'set_name', 'read_synthetic', 'read_real', 'resize_sets', 'unit_key', 'cached_unit',
-           'fid_bootstrap', 'fidelity_part', 'label_agreement', 'labels_part', 'recipe', 'mixed_frame', 'test_logits',
-           'utility_part', 'privacy_part', 'readers_part', 'headline', 'summary_table', 'png_uri', 'html_table',
-           'figure_html', 'section_figures', 'section_tables', 'render_html', 'evaluate', 'write_report',
-           'evaluate_parser', 'evaluate_cli']
+           'content_hashes', 'set_name', 'read_synthetic', 'read_real', 'check_split', 'attach_split', 'resize_sets',
+           'unit_key', 'cached_unit', 'fid_bootstrap', 'fidelity_part', 'label_agreement', 'labels_part', 'recipe',
+           'mixed_frame', 'test_logits', 'utility_part', 'privacy_part', 'readers_part', 'headline', 'summary_table',
+           'png_uri', 'html_table', 'figure_html', 'section_figures', 'section_tables', 'render_html', 'evaluate',
+           'write_report', 'evaluate_parser', 'evaluate_cli']
 
 # %% ../nbs/15_evaluate.ipynb #13730002
 register_profile('evaluate',
@@ -63,13 +63,14 @@ def set_name(folder, taken) -> str:
     while name in taken or name == 'real': name, k = f'{base}_{k}', k + 1
     return name
 
-# %% ../nbs/15_evaluate.ipynb #662e1924
+# %% ../nbs/15_evaluate.ipynb #e94973d2
 def read_synthetic(folder, real_hashes: dict, taken) -> dict:
     "One synthetic set: its files, labels when it holds an NIH-layout CSV (else None), stored size and content fingerprint."
     p = Path(folder)
     if not p.is_dir(): raise FileNotFoundError(f"--synthetic {p}: no such folder; give a folder of images (with or without an NIH-layout CSV)")
     try: frame = load_folder(p)
     except FileNotFoundError: frame = None                        # no Data_Entry_2017*.csv: images without labels
+    if frame is not None: frame = frame.sort_values('path', kind='stable').reset_index(drop=True)   # the order `cxr-pggan fid` reads a folder in
     files = list(frame['path']) if frame is not None else image_paths(p)
     if len(files) < 2: raise ValueError(f"--synthetic {p}: {len(files)} image; an evaluation needs at least 2 images per set (distances, prevalences and classifiers need more)")
     hashes = content_hashes(files, desc=f'sha256 {p.name}')
@@ -81,26 +82,33 @@ def read_synthetic(folder, real_hashes: dict, taken) -> dict:
                 labelled=frame is not None, size=stored_size(files),
                 fingerprint=hashlib.sha256(''.join(sorted(hashes.values())).encode()).hexdigest())
 
-# %% ../nbs/15_evaluate.ipynb #83f88609
-def read_real(folder, splits=None, out=None, seed: int = 0) -> dict:
-    "The real set: its frame with `split` (from `splits`, else a new patient-level 70/10/20 split written to `out/splits/`), content hashes."
+# %% ../nbs/15_evaluate.ipynb #423122af
+def read_real(folder, splits=None) -> dict:
+    "The real set: its frame (with `split` when `splits` is given; else `attach_split` adds one), content hashes."
     p = Path(folder)
     if not p.is_dir(): raise FileNotFoundError(f"--real {p}: no such folder; give a folder in the NIH layout (Data_Entry_2017*.csv + images)")
     try: metadata_in(p)
     except FileNotFoundError: raise ValueError(f"--real {p}: no Data_Entry_2017*.csv, so no labels; the real set must be in the NIH layout (labels and patients)") from None
     frame = load_folder(p)
-    if splits is None:
-        if out is None: raise ValueError("--real: give --splits CSV (a patient-level split of the real set) or an output folder to write one")
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')                         # a label without positives in a split: reported in the sections
-            splits = write_splits(frame, Path(out) / 'splits', (0.7, 0.1, 0.2), seed)
-    frame = load_splits(splits, frame)
-    for s in ('train', 'val', 'test'):
-        if not (frame['split'] == s).any(): raise ValueError(f"--splits {splits}: no {s!r} images; the evaluation needs a train/val/test split of the real set")
+    if splits is not None: frame = check_split(load_splits(splits, frame), splits)
     hashes = content_hashes(frame['path'], desc='sha256 real')
-    return dict(name='real', path=str(p), frame=frame, splits=str(splits), files=list(frame['path']), n=len(frame),
+    return dict(name='real', path=str(p), frame=frame, splits=str(splits) if splits else None, files=list(frame['path']), n=len(frame),
                 size=stored_size(frame['path']), hashes=hashes,
                 fingerprint=hashlib.sha256(''.join(sorted(hashes.values())).encode()).hexdigest())
+
+def check_split(frame: pd.DataFrame, splits) -> pd.DataFrame:
+    for s in ('train', 'val', 'test'):
+        if not (frame['split'] == s).any(): raise ValueError(f"--splits {splits}: no {s!r} images; the evaluation needs a train/val/test split of the real set")
+    return frame
+
+def attach_split(real: dict, out, seed: int = 0) -> dict:
+    "Without `--splits`: a patient-level 70/10/20 split of the real set (`data.write_splits`) written to `out/splits/`."
+    if real['splits'] is not None: return real
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                             # a label without positives in a split: reported in the parts
+        sp = write_splits(real['frame'].drop(columns=['split'], errors='ignore'), Path(out) / 'splits', (0.7, 0.1, 0.2), seed)
+    real.update(frame=check_split(load_splits(sp, real['frame']), sp), splits=str(sp))
+    return real
 
 # %% ../nbs/15_evaluate.ipynb #5c351c36
 def resize_sets(sets: list[dict], out) -> tuple[int | None, str | None]:
@@ -254,13 +262,12 @@ def utility_part(real: dict, syn: dict, real_ckpt, P: dict, folder, device=None)
                 checkpoints={m: str(c) for m, c in ck.items()} | {'real': str(real_ckpt)}, predictions=str(folder / 'predictions.csv'),
                 recipe=recipe(P), n_test=len(test))
 
-# %% ../nbs/15_evaluate.ipynb #3e45c186
+# %% ../nbs/15_evaluate.ipynb #ebf47f1e
 def privacy_part(real: dict, syn: dict, P: dict, folder, device=None) -> dict:
     "`privacy.audit` of one synthetic set against the real training split, held-out images from `holdout_split`."
     c = AuditConfig(splits=real['splits'], train_split='train', holdout_split=P['holdout_split'], pixel_size=P['pixel_size'],
                     prdc_k=P['prdc_k'], seed=P['eval_seed'], device=device, verbose=False)
-    r = audit(real['path'], real['path'], syn['path'] if syn.get('resized_from') is None or syn['frame'] is not None else
-              str(Path(syn['files'][0]).parent), out=folder, config=c)
+    r = audit(real['path'], real['path'], syn['path'], out=folder, config=c)
     keep = ('settings', 'counts', 'thresholds', 'share_flagged', 'holdout_flagged_in_sample', 'holdout_false_flag_crossfit', 'prdc', 'mann_whitney')
     return {k: r[k] for k in keep} | dict(folder=str(folder), flags=str(Path(folder) / 'flags.csv'),
                                           min_dcr=float(r['flags']['dcr'].min()), median_dcr=float(r['flags']['dcr'].median()))
@@ -480,7 +487,7 @@ def _settings(P: dict, section: str) -> dict:
                 readers=('grids', 'grid_size', 'pairs', 'display', 'eval_seed'))[section]
     return {k: P[k] for k in keys}
 
-# %% ../nbs/15_evaluate.ipynb #3aef9aeb
+# %% ../nbs/15_evaluate.ipynb #27e7f8d6
 def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIONS, time_budget=None, study=None, profile: str = 'paper',
              inception_weights=None, cache=None, device=None, force: bool = False, **knobs) -> dict:
     """Evaluate the synthetic image folders `synthetic` against the NIH-layout folder `real`, writing `out/report.html`,
@@ -491,16 +498,17 @@ def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIO
     secs = check_sections(sections); check_device(device)
     synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
     if not synthetic: raise ValueError("--synthetic: give at least one folder of synthetic images")
-    out = Path(out); claim_folder(out, WRITER, force=force)
-    for f in REPORT_FILES: check_writable(out / f, out)
-    budget = TimeBudget(time_budget, start=t0)
-    real_set = read_real(real, splits, out, P['eval_seed'])
+    budget = TimeBudget(time_budget, what='--time-budget')          # counts from $CXR_PGGAN_SESSION_START when set (reproduce), else now
+    real_set = read_real(real, splits)                              # every input checked before the report folder is touched
     sets = []
     for s in synthetic: sets.append(read_synthetic(s, real_set['hashes'], [x['name'] for x in sets]))
+    out = Path(out); claim_folder(out, WRITER, force=force)
+    for f in REPORT_FILES: check_writable(out / f, out)
+    attach_split(real_set, out, P['eval_seed'])
     side, note = resize_sets([real_set] + sets, out)
     if note: print(f'cxr-pggan evaluate: note: {note}', file=sys.stderr)
     names = [s['name'] for s in sets]
-    df = real_set['frame']; test = df[df['split'] == 'test'].reset_index(drop=True)
+    df = real_set['frame']; test = df[df['split'] == 'test'].sort_values('path', kind='stable').reset_index(drop=True)   # as `fid --split test` reads them
     test_files = list(test['path'])
     clf_sha = file_sha256(classifier) if classifier else None
     skipped = {s: [] for s in secs}; results = {s: {} for s in secs}; stopped = None
