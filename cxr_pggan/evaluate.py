@@ -28,12 +28,12 @@ __all__ = ['SECTIONS', 'WRITER', 'REPORT_KIND', 'HEADLINES', 'CSP', 'STYLE', 'PA
            'png_uri', 'html_table', 'figure_html', 'section_figures', 'section_tables', 'render_html', 'evaluate',
            'write_report', 'evaluate_parser', 'evaluate_cli']
 
-# %% ../nbs/15_evaluate.ipynb #13730002
+# %% ../nbs/15_evaluate.ipynb #5a1c08e7
 register_profile('evaluate',
     smoke=dict(real_data=None, synthetic=None, classifier='random', sections='fidelity,labels,privacy,readers', fid_boot=3,
                ci_boot=200, kid_subsets=10, min_class_n=5, prdc_k=3, utility_max_steps=2, pixel_size=16, holdout_split='val',
                grids=1, grid_size=4, pairs=2, display=32, allow_random_weights=True, time_budget=None, eval_seed=0),
-    demo=dict(real_data=None, synthetic='auto', classifier='auto', sections='fidelity,labels,utility,privacy,readers', fid_boot=10,
+    demo=dict(real_data=None, synthetic='auto', classifier='auto', sections='fidelity,labels,utility,privacy,readers', fid_boot=50,
               ci_boot=1000, kid_subsets=50, min_class_n=10, prdc_k=5, utility_max_steps=30, pixel_size=32, holdout_split='val',
               grids=6, grid_size=6, pairs=20, display=260, allow_random_weights=True, time_budget=None, eval_seed=0),
     paper=dict(real_data=None, synthetic='auto', classifier='auto', sections='fidelity,labels,utility,privacy,readers', fid_boot=200,
@@ -489,7 +489,7 @@ def _settings(P: dict, section: str) -> dict:
                 readers=('grids', 'grid_size', 'pairs', 'display', 'eval_seed'))[section]
     return {k: P[k] for k in keys}
 
-# %% ../nbs/15_evaluate.ipynb #27e7f8d6
+# %% ../nbs/15_evaluate.ipynb #1b4fb348
 def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIONS, time_budget=None, study=None, profile: str = 'paper',
              inception_weights=None, cache=None, device=None, force: bool = False, **knobs) -> dict:
     """Evaluate the synthetic image folders `synthetic` against the NIH-layout folder `real`, writing `out/report.html`,
@@ -533,16 +533,17 @@ def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIO
             line = f"{sec} ({name}): {str(e).splitlines()[0]}"
             skipped[sec].append(line); results[sec][name] = dict(error=line)
         budget.step_took(time.time() - t)
-    bars = progress(total=sum(len(sets) for _ in secs), desc='evaluate', unit='part')
     for sec in secs:
+        bars = progress(total=len(sets), desc=sec, unit='set')         # one bar per part
         if sec == 'fidelity':
             if not extractors:
                 extractors['inception'] = fid_inception(inception_weights, allow_random_weights=P['allow_random_weights'])
                 if classifier: extractors['classifier'] = classifier_features(classifier)
             for s in sets:
                 run(sec, s['name'], s['fingerprint'], lambda s=s: fidelity_part(test_files, s, extractors, P, cache or out / 'features', test, device)); bars.update()
+
         elif sec == 'labels':
-            if classifier is None: bars.update(len(sets)); continue
+            if classifier is None: bars.close(); continue
             model = load_classifier(classifier)
             run(sec, 'real', 'real', lambda: labels_part(model, test_files, P, 'real test'))
             for s in sets:
@@ -572,7 +573,7 @@ def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIO
                 run(sec, s['name'], s['fingerprint'], lambda s=s: readers_part(test_files, s, P, out / 'study' / s['name'])); bars.update()
             if study is not None:
                 results[sec]['hype'] = dict(study=str(study), table=analyse(load_answers(study), n_boot=P['ci_boot'], seed=P['eval_seed']).to_dict('records'))
-    bars.close()
+        bars.close()
     return write_report(out, real_set, sets, secs, results, skipped, P, dict(side=side, note=note, stopped=stopped, t0=t0, extractors=extractors,
                                                                                   classifier=classifier, splits=real_set['splits']))
 
