@@ -9,7 +9,7 @@ from PIL import Image
 
 from test_bad_inputs import cli, one_error, tree
 
-KNOBS = dict(fid_boot=2, ci_boot=50, kid_subsets=5, min_class_n=3, prdc_k=3, utility_max_steps=1, pixel_size=16, grids=1, grid_size=4,
+KNOBS = dict(fid_boot=2, ci_boot=50, kid_subsets=5, min_class_n=3, prdc_k=3, utility_epochs=1, utility_max_steps=1, pixel_size=16, grids=1, grid_size=4,
              pairs=2, display=32, eval_seed=0)
 
 
@@ -126,6 +126,18 @@ def test_rerun_reuses_every_part(ws, report, monkeypatch):
     again = ev.evaluate(ws['real'], [ws['labelled'], ws['unlabelled']], ws['tmp'] / 'report', splits=ws['splits'], classifier=ws['clf'],
                         profile='smoke', allow_random_weights=True, cache=ws['tmp'] / 'report' / 'features', **KNOBS)
     assert pd.DataFrame(again['summary']).equals(pd.DataFrame(report['summary']))
+
+
+def test_a_study_written_just_before_a_kill_is_kept(ws, report, tmp_path):
+    "Killed after the study's database was written but before its part was saved: the rerun keeps that study (never overwritten)."
+    from cxr_pggan.evaluate import evaluate
+    out = tmp_path / 'r'
+    kw = dict(splits=ws['splits'], sections='readers', profile='smoke', **KNOBS)
+    first = evaluate(ws['real'], [ws['unlabelled']], out, **kw)['results']['readers']['unlabelled']
+    db = out / 'study' / 'unlabelled' / 'study.sqlite'; before = db.read_bytes()
+    (out / 'parts' / 'readers__unlabelled.json').unlink()
+    again = evaluate(ws['real'], [ws['unlabelled']], out, **kw)['results']['readers']['unlabelled']
+    assert again['items'] == first['items'] and again['images'] == first['images'] and db.read_bytes() == before
 
 
 def test_time_budget_stops_between_parts_and_a_rerun_continues(ws, tmp_path, monkeypatch):
