@@ -111,7 +111,7 @@ def attach_split(real: dict, out, seed: int = 0) -> dict:
     real.update(frame=check_split(load_splits(sp, real['frame']), sp), splits=str(sp))
     return real
 
-# %% ../nbs/15_evaluate.ipynb #5c351c36
+# %% ../nbs/15_evaluate.ipynb #bae2c6fd
 def resize_sets(sets: list[dict], out) -> tuple[int | None, str | None]:
     "Bring every set to the smallest stored side (in place in the set records); returns that side and the sentence saying so."
     sides = {s['name']: min(s['size']) for s in sets if s['size']}
@@ -133,7 +133,7 @@ def resize_sets(sets: list[dict], out) -> tuple[int | None, str | None]:
             src = Path(s['frame'].attrs.get('source', metadata_in(s['path'])))
             if not csv.is_file(): atomic_write(csv, src.read_bytes())
             s['frame'] = s['frame'].assign(path=[str(dst / 'images' / Path(f).name) for f in s['frame']['path']])
-        s.update(files=new, path=str(dst), resized_from=sides[s['name']])
+        s.update(files=new, original=s['path'], path=str(dst), resized_from=sides[s['name']])
     note = (f"the sets are stored at different resolutions ({', '.join(f'{k} {v}²' for k, v in sides.items())}); every set was "
             f"brought to {side}² (Lanczos, copies in resized/) before any part ran")
     return side, note
@@ -583,7 +583,7 @@ def evaluate(real, synthetic, out, splits=None, classifier=None, sections=SECTIO
     return write_report(out, real_set, sets, secs, results, skipped, P, dict(side=side, note=note, stopped=stopped, t0=t0, extractors=extractors,
                                                                                   classifier=classifier, splits=real_set['splits']))
 
-# %% ../nbs/15_evaluate.ipynb #a616d40f
+# %% ../nbs/15_evaluate.ipynb #f3a91919
 def write_report(out: Path, real_set: dict, sets: list[dict], secs: list[str], results: dict, skipped: dict, P: dict, info: dict) -> dict:
     "report.json, report.html and the per-part CSVs (each written atomically, with provenance)."
     names = [s['name'] for s in sets]
@@ -592,8 +592,8 @@ def write_report(out: Path, real_set: dict, sets: list[dict], secs: list[str], r
     summary = summary_table(results, names)
     df = real_set['frame']
     report = dict(format='cxr_pggan.evaluate/1', sections=secs, resolution=info['side'], resolution_note=info['note'], stopped=info['stopped'],
-                  real=dict(path=real_set['path'], n=real_set['n'], n_test=int((df['split'] == 'test').sum()), splits=info['splits'], size=real_set['size']),
-                  sets={s['name']: dict(path=s['path'], n=s['n'], labelled=s['labelled'], size=s['size'], resized_from=s.get('resized_from'),
+                  real=dict(path=real_set.get('original', real_set['path']), compared=real_set['path'], n=real_set['n'], n_test=int((df['split'] == 'test').sum()), splits=info['splits'], size=real_set['size']),
+                  sets={s['name']: dict(path=s.get('original', s['path']), compared=s['path'], n=s['n'], labelled=s['labelled'], size=s['size'], resized_from=s.get('resized_from'),
                                         sha256_of_contents=s['fingerprint']) for s in sets},
                   summary=summary.to_dict('records'),
                   parts={sec: dict(paper=PAPER[sec], what=WHAT[sec], skipped=skipped[sec], settings=_settings(P, sec) | (
