@@ -115,6 +115,7 @@ def test_report_layout_summary_and_readers(ws, report):
     fids = {n: report['results']['fidelity'][n]['FID'] for n in ('labelled', 'unlabelled')}
     assert s.loc['FID (Inception)', 'best'] == min(fids, key=fids.get)
     for f in ('fidelity.csv', 'labels_prevalence.csv', 'utility_auc.csv', 'privacy.csv', 'readers.csv', 'summary.csv'): assert (out / f).is_file(), f
+    assert any('biased upward' in w for w in report['results']['fidelity']['labelled']['warnings']) and 'biased upward' in page   # small N said
     r = report['results']['readers']['labelled']
     assert (Path(r['study']) / 'study.sqlite').is_file() and r['items'] == KNOBS['grids'] + KNOBS['pairs']
 
