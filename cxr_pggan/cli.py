@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'embed':     ('cxr_pggan.synthetic:embed_cli', 'write G(E(x)) for every real image of a folder in the NIH layout (names, patients, labels kept)'),
     'audit':     ('cxr_pggan.privacy:audit_cli', 'privacy audit of a synthetic archive: nearest training image (DCR) vs a held-out baseline, re-identification, flags.csv, PRDC'),
     'train-reid': ('cxr_pggan.privacy:train_reid_cli', 'train the siamese patient re-identification network; verification AUC on held-out patients'),
+    'evaluate':  ('cxr_pggan.evaluate:evaluate_cli', 'one report (HTML + JSON) for one or more synthetic sets vs a real folder: fidelity, labels, utility, privacy, readers'),
 }
 
 BENCHES: dict[str, str] = {
