@@ -105,6 +105,8 @@ SECTIONS: dict[str, str] = {   # profile section -> the module that registers it
     'reader_study': 'cxr_pggan.study',
     'synthetic': 'cxr_pggan.synthetic',
     'privacy': 'cxr_pggan.privacy',
+    'archive_size': 'cxr_pggan.archive',
+    'evaluate': 'cxr_pggan.evaluate',
     'fidelity': 'cxr_pggan.fidelity',
     'dcgan': 'cxr_pggan.train',
     'classgen': 'cxr_pggan.classgen',
