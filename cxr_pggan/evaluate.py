@@ -461,6 +461,10 @@ def render_html(report: dict, results: dict, names: list[str]) -> str:
     if report.get('resolution_note'): parts.append(f'<p class="warn">Resolution: {html.escape(report["resolution_note"])}.</p>')
     else: parts.append(f'<p>Resolution: every set is stored at {report.get("resolution")}².</p>')
     if report.get('stopped'): parts.append(f'<p class="skip">{html.escape(report["stopped"])}</p>')
+    rw = [n for n in names if (results.get('fidelity') or {}).get(n, {}).get('random_weights')]
+    if rw: parts.append('<p class="warn" id="random-weights">FID and KID of this report use <b>random Inception weights</b> (no '
+                        'pt_inception-2015-12-05 file was given or found): they rank the sets within this report only and are not '
+                        'comparable with published FIDs. Give <code>--inception-weights</code> for real ones.</p>')
     parts.append('<section id="summary"><h2>Summary</h2><p>One column per synthetic set; ★ marks the best set of each row that has a direction.</p>')
     parts.append(html_table(st.drop(columns=['section']), best_col='best', cls='summary') if len(st) else '<p class="skip">no part produced a number</p>')
     parts.append('</section>')
