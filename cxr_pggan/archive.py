@@ -187,7 +187,7 @@ class ArchiveConfig:
     device: str | None = None                        # 'cuda', 'cuda:1', 'cpu' (None: cuda:LOCAL_RANK when present)
     trust_pickle: bool = False                       # allow full unpickling of a trusted GAN checkpoint
     force: bool = False                              # write into a non-empty folder beside its files (never changing them)
-    builder: str = 'serial'                          # 'serial': one patient after another; 'batched': many patients share `slots` latent slots (`cxr-pggan archive`'s default)
+    builder: str = 'serial'                          # 'serial': one patient after another; 'batched': many patients share `slots` latent slots (opt-in: see the builder's measurements)
     slots: int = 32                                  # latents optimised together by the batched builder (fixed; part of the plan)
     report_every: float = 30.0                       # seconds between the batched builder's convergence reports
     time_budget: str | float | None = None           # e.g. '11h30m': stop cleanly after the patient that would overrun it
@@ -567,7 +567,7 @@ def generate_patients_batched(G, clf, out: Path, plan: dict, prev: pd.Series, st
     patient's next attempt, or the next patient, fills a freed slot), local samples are labelled in batches, and a writer
     thread writes PNGs and records. Targets come from `archive_targets` (fixed per patient), each patient tries its
     `target_chain` with its own seeds: its result depends on nothing but the plan and its id, so a resumed (or sharded)
-    archive is byte-identical. Reports convergence as it goes; stops early (`ArchiveConvergenceError`, saying why) when
+    archive has the same images and labels (a record's z* can differ in its last bits with the slot it ran in). Reports convergence as it goes; stops early (`ArchiveConvergenceError`, saying why) when
     a patient exhausts its chain. Returns the images written and whether the time budget stopped it."""
     tg = archive_targets(G, clf, out, plan, prev, device, rank, world)
     sched, exclusive, slots = tg['schedule'], tg['exclusive'], int(plan.get('slots', 32))
@@ -732,9 +732,9 @@ register_profile('archive',
     smoke=dict(generator='random', classifier='random', n=12, steps=10, lr=0.05, normalise=True, candidates=4, max_attempts=3,
                tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=8),
     demo=dict(generator='auto', classifier='auto', n=120, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
-              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=32),
+              tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='serial', slots=32),
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
-               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None, builder='batched', slots=64));
+               tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None, builder='serial', slots=64));
 
 # %% ../nbs/11_archive.ipynb #e694ffeb
 _SIZE_SKIP = ("the curve needs one archive of the largest size and one classifier training per size, minutes each on two CPU cores: "
@@ -771,8 +771,8 @@ def archive_parser() -> CLIParser:
     ap.add_argument('--no-match', action='store_true', help="take the first converged candidate and the first local samples (the paper) "
                     "instead of choosing them greedily to match the reference proportions")
     ap.add_argument('--plain-step', action='store_true', help="the paper's plain gradient step z += lr·grad (default: normalised steps)")
-    ap.add_argument('--builder', choices=['batched', 'serial'], default='batched', help="'batched': many patients share --slots latent slots, "
-                    "PNGs written by a background thread (default); 'serial': one patient after another (the earlier builder)")
+    ap.add_argument('--builder', choices=['batched', 'serial'], default='serial', help="'serial': one patient after another, the next target chosen from "
+                    "the labels written so far (default); 'batched': many patients share --slots latent slots, targets fixed in advance")
     ap.add_argument('--slots', type=positive_int, default=32, help='latents optimised together by the batched builder')
     ap.add_argument('--report-every', type=float, default=30.0, help='seconds between convergence reports (batched builder)')
     ap.add_argument('--time-budget', help="e.g. 11h30m: stop cleanly (exit 0) after the patient that would overrun it; run again to continue")
