@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bad_inputs import cli, one_error, tree                     # the shared helpers (no tests imported)
 
 from cxr_pggan.data import LABELS
-from cxr_pggan.fidelity import fidelity_rows, fidelity_table, read_usable, verdict
+from cxr_pggan.fidelity import fidelity_figure, fidelity_rows, fidelity_table, read_usable, verdict
 from cxr_pggan.phantom import (DETECTED, DETECTOR_THRESHOLDS, _META_COLS, _metadata, calibrate_detectors, detector_table, measure,
                                render_image, render_phantom, wilson)
 
@@ -77,6 +77,15 @@ def test_fidelity_shares_and_verdicts_on_a_known_case():
     assert t.loc[('real', 'Mass'), 'verdict'] == ''                          # verdicts only for generated sources
     # labelled images showing it no more often than random samples: only scored
     assert verdict(0.05, 0.2, 0.3, 0.9, 10, True) == 'only scored'
+
+
+def test_fidelity_figure_draws_shares_of_one(tmp_path):
+    "Every labelled image shows it (k = n): the Wilson bound rounds just below 1, and the figure still draws (it raised on negative error bars)."
+    a1 = fidelity_rows('algorithm1', ['Mass'] * 6, _det([True] * 6, 6))       # Wilson's upper bound of 6/6: 0.9999999999999999
+    rnd = fidelity_rows('random', ['No Finding'] * 5, _det([False] * 5, 5))
+    t = fidelity_table(pd.concat([a1, rnd]), {'Mass': True})
+    out = fidelity_figure(t, tmp_path / 'f.png')
+    assert Path(out).is_file() and Image.open(out).size[0] > 0
 
 
 def test_fidelity_rows_refuse_mismatched_lengths():
