@@ -1,35 +1,20 @@
 """The evaluation report in a real browser (headless Chromium through Debian's chromedriver), opened from disk: every
 section and figure renders (each image decoded), nothing is requested from anywhere but the file itself, it prints, and a
 screenshot is saved. Skips when Chromium is absent, unless CXR_PGGAN_REQUIRE_BROWSER=1 (CI), where a missing browser fails."""
-import base64, os, shutil
+import base64, os
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 
-from test_study_browser import CHROMIUM, DRIVER, REQUIRED
+from test_study_browser import chromium
 
 SECTIONS = ('summary', 'fidelity', 'labels', 'utility', 'privacy', 'readers', 'provenance')
 
 
 @pytest.fixture(scope='module')
 def browser():
-    missing = [p for p in (CHROMIUM, DRIVER) if not Path(p).is_file()]
-    try: import selenium  # noqa: F401
-    except ImportError: missing.append('the selenium package (pip install selenium)')
-    if missing:
-        msg = f"no browser for the report test: missing {', '.join(map(str, missing))} (apt-get install chromium chromium-driver)"
-        if REQUIRED: pytest.fail(msg + ' — CXR_PGGAN_REQUIRE_BROWSER=1 is set, so this fails instead of skipping')
-        pytest.skip(msg)
-    os.environ.setdefault('SE_AVOID_STATS', 'true')
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions(); opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1200,1600', '--no-first-run',
-              '--allow-file-access-from-files'):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)            # an explicit driver: selenium-manager downloads nothing
-    drv.set_page_load_timeout(30)
+    drv = chromium('report', '1200,1600', '--allow-file-access-from-files')
     yield drv
     drv.quit()
 

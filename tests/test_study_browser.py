@@ -14,23 +14,29 @@ DRIVER = os.environ.get('CXR_PGGAN_CHROMEDRIVER') or shutil.which('chromedriver'
 REQUIRED = os.environ.get('CXR_PGGAN_REQUIRE_BROWSER') == '1'
 
 
-@pytest.fixture(scope='module')
-def browser():
+def chromium(what: str, window: str, *extra: str):
+    "Headless Chromium through Debian's chromedriver, or a skip (a failure under CXR_PGGAN_REQUIRE_BROWSER=1) naming what is missing."
     missing = [p for p in (CHROMIUM, DRIVER) if not Path(p).is_file()]
     try: import selenium  # noqa: F401
     except ImportError: missing.append('the selenium package (pip install selenium)')
     if missing:
-        msg = f"no browser for the reader-page test: missing {', '.join(map(str, missing))} (apt-get install chromium chromium-driver)"
+        msg = f"no browser for the {what} test: missing {', '.join(map(str, missing))} (apt-get install chromium chromium-driver)"
         if REQUIRED: pytest.fail(msg + ' — CXR_PGGAN_REQUIRE_BROWSER=1 is set, so this fails instead of skipping')
         pytest.skip(msg)
     os.environ.setdefault('SE_AVOID_STATS', 'true')
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions(); opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1100,900', '--no-first-run'):
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', f'--window-size={window}', '--no-first-run', *extra):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(DRIVER), options=opts)            # an explicit driver: selenium-manager downloads nothing
     drv.set_page_load_timeout(30)
+    return drv
+
+
+@pytest.fixture(scope='module')
+def browser():
+    drv = chromium('reader-page', '1100,900')
     yield drv
     drv.quit()
 
