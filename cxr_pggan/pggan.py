@@ -66,7 +66,7 @@ class PGGANConfig:
     def from_dict(cls, d: dict) -> 'PGGANConfig':
         known = {f.name for f in dataclasses.fields(cls)}
         bad = set(d) - known
-        if bad: raise ValueError(f"PGGANConfig: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
+        if bad: raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
         return cls(**d)
 
 # %% ../nbs/05_pggan.ipynb #121b45d9
@@ -289,14 +289,8 @@ class DCGANConfig:
         return [int(min(self.width * self.resolution // (2 * s), self.fmap_max)) for s in (4 * 2 ** i for i in range(int(math.log2(self.resolution)) - 2))]
     @property
     def max_resolution(self) -> int: return self.resolution
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self); d['output_range'] = list(self.output_range); return d
-    @classmethod
-    def from_dict(cls, d: dict) -> 'DCGANConfig':
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = set(d) - known
-        if bad: raise ValueError(f"DCGANConfig: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
-        return cls(**d)
+    to_dict = PGGANConfig.to_dict                                       # the same dict form (output_range as a list)
+    from_dict = classmethod(PGGANConfig.from_dict.__func__)             # unknown fields refused, naming this class
 
 # %% ../nbs/05_pggan.ipynb #a683c66f
 def config_from_dict(d: dict) -> PGGANConfig | DCGANConfig:
