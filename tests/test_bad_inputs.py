@@ -1,4 +1,5 @@
-"""What a user meets, through the real command line in a subprocess: every bad input or fault gives one line that
+"""What a user meets, through the real command line (its entry point in-process, or `python -m cxr_pggan` in a
+subprocess where a process matters: see `cli`): every bad input or fault gives one line that
 names the file or option (exit status 2, no traceback) or works; no file that was there before is changed."""
 import hashlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -9,11 +10,43 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 
 
-def cli(ws, *args, env=None, timeout=240, cwd=None):
-    "`python -m cxr_pggan ARGS` with the workspace's outputs folder; returns the CompletedProcess."
+SUBPROCESS = os.environ.get('CXR_PGGAN_TEST_SUBPROCESS', '0') == '1'
+
+
+def cli(ws, *args, env=None, timeout=240, cwd=None, fresh_process=False):
+    """`cxr-pggan ARGS` with the workspace's outputs folder; returns a CompletedProcess (returncode, stdout, stderr).
+    It runs the console script's own entry point (`cxr_pggan.cli.main`) in this process, with the same environment,
+    working folder and captured streams a subprocess would get: a fresh `python -m cxr_pggan` costs about 3 s of imports
+    per call on the 2-core machine, and this suite makes over a hundred calls. `fresh_process=True` (or
+    `CXR_PGGAN_TEST_SUBPROCESS=1` for the whole suite) runs the real `python -m cxr_pggan` in a subprocess instead:
+    for what only a process shows (its exit, signals, a timeout, output written below Python's streams)."""
     e = dict(os.environ, TQDM_DISABLE='1', MPLBACKEND='Agg', CXR_PGGAN_OUTPUTS=str(ws / 'outputs'), OMP_NUM_THREADS='1')
     e.pop('CXR_PGGAN_DEBUG', None); e.update(env or {})
-    return subprocess.run([sys.executable, '-m', 'cxr_pggan', *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+    argv = list(map(str, args))
+    if fresh_process or SUBPROCESS:
+        return subprocess.run([sys.executable, '-m', 'cxr_pggan', *argv], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+    return in_process(argv, e, cwd)
+
+
+def in_process(argv, env, cwd=None):
+    "`cxr_pggan.cli.main(argv)` with `env` as the whole environment and `cwd` as the working folder, both restored after."
+    import contextlib, io, warnings
+    from cxr_pggan.cli import main
+    saved_env, saved_cwd, out, err = dict(os.environ), os.getcwd(), io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear(); os.environ.update(env)
+        if cwd is not None: os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter('default')                  # every call shows its warnings, as a new process would,
+            warnings.showwarning = warnings._showwarning_orig   # on its stderr (not into pytest's record of the test's warnings)
+            warnings._showwarnmsg_impl = lambda m: sys.stderr.write(warnings._formatwarnmsg(m))
+            try: rc = main(argv)
+            except SystemExit as x:                           # argparse's usage errors, sys.exit in a verb
+                rc = x.code if isinstance(x.code, int) else (0 if x.code is None else 1)
+                if isinstance(x.code, str): print(x.code, file=sys.stderr)
+    finally:
+        os.chdir(saved_cwd); os.environ.clear(); os.environ.update(saved_env)
+    return subprocess.CompletedProcess(['cxr-pggan', *argv], rc, out.getvalue(), err.getvalue())
 
 
 def tree(folder) -> dict:
@@ -254,7 +287,8 @@ def test_disk_full_is_one_line(ws, tmp_path):
     site = tmp_path / 'site'; site.mkdir()
     (site / 'sitecustomize.py').write_text("import os\n_r = os.replace\n"
                                            "def replace(a, b, *k, **kw):\n    raise OSError(28, 'No space left on device', str(b))\nos.replace = replace\n")
-    r = cli(ws['root'], 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', tmp_path / 'full', env=dict(PYTHONPATH=str(site)))
+    r = cli(ws['root'], 'generate', '--checkpoint', ws['gan'], '--n', '2', '--out', tmp_path / 'full', env=dict(PYTHONPATH=str(site)),
+            fresh_process=True)                               # sitecustomize runs only at a process's start
     one_error(r, 'disk full while writing', str(tmp_path / 'full'))
 
 
@@ -324,12 +358,13 @@ def test_outputs_respect_the_umask(ws, tmp_path):
 
 
 def test_debug_shows_the_traceback(ws):
-    r = cli(ws['root'], 'generate', '--checkpoint', ws['root'] / 'truncated.pt', '--n', '1', '--out', ws['root'] / 'dbg', '--debug')
+    r = cli(ws['root'], 'generate', '--checkpoint', ws['root'] / 'truncated.pt', '--n', '1', '--out', ws['root'] / 'dbg', '--debug',
+            fresh_process=True)                               # the traceback a process prints when it dies
     assert r.returncode != 0 and 'Traceback' in r.stderr
 
 
 def test_reproduce_shows_progress_without_transport_warnings(ws):
-    r = cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01')
+    r = cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01', fresh_process=True)   # the terminal a user sees
     assert r.returncode == 0, r.stderr[-2000:]
     assert '[reproduce] 01_data: cell 1/' in r.stderr and 'without encryption' not in r.stderr and 'Passed unknown parameter' not in r.stderr
     one_error(cli(ws['root'], 'reproduce', '--profile', 'smoke', '--only', '01', '-p', 'no_such_knob', '1'), 'no_such_knob', 'cxr-pggan params')

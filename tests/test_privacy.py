@@ -47,8 +47,9 @@ def test_nearest_neighbours_is_exact_in_every_chunking():
 
 
 def cli(*args, outputs):
-    env = dict(os.environ, TQDM_DISABLE='1', MPLBACKEND='Agg', CXR_PGGAN_OUTPUTS=str(outputs), OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, '-m', 'cxr_pggan', *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    "`cxr-pggan ARGS` with `outputs` as the outputs folder (in-process unless CXR_PGGAN_TEST_SUBPROCESS=1: test_bad_inputs.cli)."
+    from test_bad_inputs import cli as run
+    return run(Path(outputs).parent, *args, env=dict(CXR_PGGAN_OUTPUTS=str(outputs)), timeout=300)
 
 
 @pytest.fixture(scope='module')
@@ -103,7 +104,7 @@ def test_planted_copies_are_found_and_other_patients_are_not(tmp_path, phantom_s
 
 def test_shortlist_recall_on_planted_copies(tmp_path, phantom_sets):
     """Stage 1 of the aligned DCR keeps the source of every planted copy in its shortlist (the fine stage can only find
-    what the shortlist holds), and refining every training image instead gives the same DCR for the copies."""
+    what the shortlist holds), and refining every training image instead gives the same DCR for the copies (checked on 10 of them)."""
     import torch
     from cxr_pggan.privacy import load_grey, prefilter, aligned_dcr
     ps = phantom_sets
@@ -116,8 +117,9 @@ def test_shortlist_recall_on_planted_copies(tmp_path, phantom_sets):
     print('\nshortlist rank of each source:', rank)
     assert None not in rank and max(rank) <= 3, rank
     assert (r['index'] == src).all()
-    full = aligned_dcr(Q, Tf, 128, 32, shortlist=len(T), desc=None)                   # every training image aligned finely
-    assert np.allclose(full['dcr'], r['dcr'], atol=1e-9) and (full['index'] == r['index']).all()
+    k = 10                                       # every training image aligned finely, for a quarter of the copies (the costly part)
+    full = aligned_dcr(Q[:k], Tf, 128, 32, shortlist=len(T), desc=None)
+    assert np.allclose(full['dcr'], r['dcr'][:k], atol=1e-9) and (full['index'] == r['index'][:k]).all()
 
 
 def _tiny_audit_sets(root):
