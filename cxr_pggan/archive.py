@@ -744,7 +744,7 @@ register_profile('archive_size',                  # notebook 12a: Table 2 agains
     demo=dict(sizes=[], size_networks='auto', size_from=None, skip_reason=_SIZE_SKIP),
     paper=dict(sizes=[], size_networks='auto', size_from=None, skip_reason='a curve of paper-scale archives (up to 78,484 images) needs GPUs; '
                "run the 'science' profile on the demo's networks, or set sizes (-p sizes '[...]') on a GPU host"))
-derive_profile('science', 'demo', sizes=[60, 240, 840, 2520], size_from='demo', skip_reason='');
+derive_profile('science', 'demo', sizes=[60, 240, 840], size_from='demo', skip_reason='');
 
 # %% ../nbs/11_archive.ipynb #a14b602a
 def archive_parser() -> CLIParser:

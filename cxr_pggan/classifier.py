@@ -156,6 +156,9 @@ def discriminator_classifier(gan: str | Path, labels=LABELS, input_size: int | N
                              trust_pickle: bool = False) -> DiscriminatorClassifier:
     "Classifier started from the trained D of the GAN checkpoint `gan` (any format `load_pretrained` reads)."
     pre = load_pretrained(gan, trust_pickle=trust_pickle)
+    if getattr(pre.config, 'model', None) == 'dcgan':
+        raise ValueError(f"{gan}: a DCGAN checkpoint; the discriminator classifier is the PGGAN's discriminator with a new head "
+                         "(paper section 3.3): use a PGGAN checkpoint, or --arch densenet121")
     if pre.D is None: raise ValueError(f"{gan}: the checkpoint has no discriminator ({pre.meta.get('networks')}); "
                                        "use a full training checkpoint (G and D), not a generator-only file")
     m = DiscriminatorClassifier(pre.config.to_dict(), pre.D.resolution, labels, input_size)

@@ -17,7 +17,7 @@ from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS, CXRDataset, load_fold
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 from .features import classifier_features, extract_features, set_features
 from .metrics import FeatureSet, compute_metrics
-from .pggan import as_image_generator, load_pretrained, sample_z
+from .pggan import PGGANConfig, as_image_generator, load_pretrained, sample_z
 # matplotlib is imported where the figure is drawn
 
 # %% auto #0
@@ -58,13 +58,17 @@ def new_encoder(generator, trust_pickle: bool = False) -> tuple[DiscriminatorCla
     "`(encoder, generator identity)`: D of the checkpoint `generator` with a latent-size head (random D when the file has none)."
     pre = load_pretrained(generator, trust_pickle=trust_pickle)
     ident = generator_identity(as_image_generator(pre))
-    names = latent_names(ident['latent_dim'])
-    if pre.D is not None and pre.D.resolution == ident['resolution']:
+    names, c = latent_names(ident['latent_dim']), pre.config
+    dcgan = getattr(c, 'model', None) == 'dcgan'
+    if not dcgan and pre.D is not None and pre.D.resolution == ident['resolution']:
         E = discriminator_classifier(generator, names, trust_pickle=trust_pickle)
     else:
-        why = 'has no discriminator' if pre.D is None else f'has a discriminator at {pre.D.resolution}², not {ident["resolution"]}²'
+        why = ("is a DCGAN (the encoder is a PGGAN discriminator, DCGAN-wide)" if dcgan else 'has no discriminator' if pre.D is None
+               else f'has a discriminator at {pre.D.resolution}², not {ident["resolution"]}²')
         warnings.warn(f"{generator} {why}: the encoder starts from RANDOM weights (the paper starts it from D)", stacklevel=2)
-        E = DiscriminatorClassifier(pre.config.to_dict(), ident['resolution'], names)
+        cfg = (PGGANConfig(latent_dim=c.latent_dim, channels=c.channels, depths=[*c.depths, c.width], output_range=c.output_range).to_dict()
+               if dcgan else c.to_dict())
+        E = DiscriminatorClassifier(cfg, ident['resolution'], names)
         E.init_weights = None
     return E, ident
 

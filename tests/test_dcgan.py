@@ -109,3 +109,17 @@ def test_bad_dcgan_knobs_via_the_cli(tmp_path, args, needles):
     before = tree(ws)
     one_error(cli(ws, *args), *needles)
     assert tree(ws) == before
+
+
+def test_dcgan_encoder_and_discriminator_classifier(dc_full, tmp_path):
+    """The encoder of a DCGAN (train-encoder, embed) works, started from random weights and saying so (its D is not the
+    PGGAN discriminator the encoder is built on); the discriminator classifier refuses a DCGAN in one line."""
+    res, _, _ = dc_full
+    from cxr_pggan.synthetic import load_encoder, train_encoder
+    with pytest.warns(UserWarning, match='is a DCGAN.*RANDOM weights'):
+        train_encoder(res['final'], tmp_path / 'enc.pt', steps=2, batch_size=4, heldout=4, device='cpu', log=lambda *a: None)
+    E, rec = load_encoder(tmp_path / 'enc.pt', res['final'])
+    assert rec['resolution'] == 16 and rec['latent_dim'] == 16 and E(torch.rand(2, 1, 16, 16)).shape == (2, 16)
+    ws = tmp_path / 'ws'; (ws / 'outputs').mkdir(parents=True)
+    one_error(cli(ws, 'train-classifier', '--arch', 'discriminator', '--discriminator', res['final'], '--profile', 'smoke',
+                  '--out', tmp_path / 'dclf.pt'), 'a DCGAN checkpoint', '--arch densenet121')
