@@ -731,7 +731,7 @@ def build_archive(generator, classifier, n: int, out: str | Path, *, config: Arc
 register_profile('archive',
     smoke=dict(generator='random', classifier='random', n=12, steps=10, lr=0.05, normalise=True, candidates=4, max_attempts=3,
                tolerance=0.05, sigma=0.2, jitter=False, reference=None, resume=False, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='batched', slots=8),
-    demo=dict(generator='auto', classifier='auto', n=120, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
+    demo=dict(generator='auto', classifier='auto', n=360, steps=100, lr=0.05, normalise=True, candidates=4, max_attempts=3,
               tolerance=0.05, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=True, match_reference=True, seed=0, time_budget=None, builder='serial', slots=32),
     paper=dict(generator='auto', classifier='auto', n=78484, steps=200, lr=0.05, normalise=False, candidates=8, max_attempts=5,
                tolerance=0.02, sigma=0.2, jitter=True, reference=None, resume=True, exclusive=False, match_reference=False, seed=0, time_budget=None, builder='serial', slots=64));
