@@ -16,7 +16,7 @@ from .core import (CLIParser, atomic_path, atomic_write, cap_workers, check_devi
                             seed_everything)
 from .data import LABELS, CXRDataset, check_image_sizes, load_splits, parse_labels, patient_split
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
-from .pggan import Discriminator, EqualizedLinear, PGGANConfig, load_pretrained
+from .pggan import DCGANConfig, Discriminator, EqualizedLinear, PGGANConfig, load_pretrained
 
 # %% auto #0
 __all__ = ['DENSENET_FILE', 'DENSENET_ENV', 'DENSENET_URL', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_CI_CASES', 'CKPT_FORMAT',
@@ -156,7 +156,7 @@ def discriminator_classifier(gan: str | Path, labels=LABELS, input_size: int | N
                              trust_pickle: bool = False) -> DiscriminatorClassifier:
     "Classifier started from the trained D of the GAN checkpoint `gan` (any format `load_pretrained` reads)."
     pre = load_pretrained(gan, trust_pickle=trust_pickle)
-    if getattr(pre.config, 'model', None) == 'dcgan':
+    if isinstance(pre.config, DCGANConfig):
         raise ValueError(f"{gan}: a DCGAN checkpoint; the discriminator classifier is the PGGAN's discriminator with a new head "
                          "(paper section 3.3): use a PGGAN checkpoint, or --arch densenet121")
     if pre.D is None: raise ValueError(f"{gan}: the checkpoint has no discriminator ({pre.meta.get('networks')}); "

@@ -17,7 +17,7 @@ from .data import LABELS, DISPLAY_NAMES, REQUIRED_COLUMNS, CXRDataset, load_fold
 from .experiment import artifact, dataset_splits, find_artifact, resolve_dataset
 from .features import classifier_features, extract_features, set_features
 from .metrics import FeatureSet, compute_metrics
-from .pggan import PGGANConfig, as_image_generator, load_pretrained, sample_z
+from .pggan import DCGANConfig, PGGANConfig, as_image_generator, load_pretrained, sample_z
 # matplotlib is imported where the figure is drawn
 
 # %% auto #0
@@ -59,7 +59,7 @@ def new_encoder(generator, trust_pickle: bool = False) -> tuple[DiscriminatorCla
     pre = load_pretrained(generator, trust_pickle=trust_pickle)
     ident = generator_identity(as_image_generator(pre))
     names, c = latent_names(ident['latent_dim']), pre.config
-    dcgan = getattr(c, 'model', None) == 'dcgan'
+    dcgan = isinstance(c, DCGANConfig)
     if not dcgan and pre.D is not None and pre.D.resolution == ident['resolution']:
         E = discriminator_classifier(generator, names, trust_pickle=trust_pickle)
     else:

@@ -1,5 +1,5 @@
 "Tests of cxr_pggan.pggan: reference-checkpoint parity, shapes, fade-in, minibatch std, pickle refusal, CLIs."
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +137,9 @@ def test_our_format_roundtrip_weights_only(tmp_path):
 _VERB = {'convert_weights_cli': 'convert-weights', 'generate_cli': 'generate'}
 
 def _run_cli(fn, *argv):
-    "Run a verb in-process through `cxr-pggan`'s entry point; returns (returncode, stdout, stderr) like subprocess.run."
-    import contextlib, io, types
-    from cxr_pggan.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([_VERB[fn], *argv])
-    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+    "Run a verb in-process through `cxr-pggan`'s entry point (test_bad_inputs.in_process); returns a CompletedProcess."
+    from test_bad_inputs import in_process
+    return in_process([_VERB[fn], *argv], dict(os.environ))
 
 
 @needs_fixtures
