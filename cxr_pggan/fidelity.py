@@ -148,7 +148,7 @@ def fidelity_figure(t: pd.DataFrame, path, title: str = '') -> Path:
         err = np.vstack([y - g['share_lo'].to_numpy(float), g['share_hi'].to_numpy(float) - y])
         bars = ax.bar(x, np.nan_to_num(y), w, label=SOURCES[s])
         for b, u in zip(bars, g['usable']): b.set_alpha(1.0 if u is True else 0.3)      # unusable detectors: faint
-        ax.errorbar(x, y, yerr=np.clip(np.nan_to_num(err), 0, None), fmt='none', ecolor='k', lw=0.8, capsize=2)
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt='none', ecolor='k', lw=0.8, capsize=2)
     base = t[t.source == 'random'].set_index('finding').reindex(fs)['positive_rate'] if 'random' in srcs else None
     if base is not None: ax.scatter(np.arange(len(fs)), base, marker='_', s=400, c='k', zorder=5, label='base rate (random, all)')
     usable = t.drop_duplicates('finding').set_index('finding')['usable'].reindex(fs)

@@ -998,11 +998,11 @@ def ensure_phantom(n: int, size: int = 256, seed: int = 0, root=None, workers: i
 
 # %% ../nbs/02_phantom.ipynb #02de972a
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    "Wilson score 95 % interval of `k` successes in `n` trials ((NaN, NaN) when n = 0)."
+    "Wilson score 95 % interval of `k` successes in `n` trials ((NaN, NaN) when n = 0); it always holds k / n (0 and 1 included)."
     if n <= 0: return (float('nan'), float('nan'))
     p = k / n; d = 1 + z * z / n; c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
+    return (min(p, max(0.0, c - h)), max(p, min(1.0, c + h)))     # k = n rounds to 0.9999999999999999 without the max
 
 def _truth(labels: pd.Series, f: str) -> np.ndarray:
     return labels.astype(str).str.split('|').map(lambda s: f in s).to_numpy(bool)

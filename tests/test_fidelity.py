@@ -48,6 +48,7 @@ def test_detector_table_counts_against_the_labels():
     assert (t.loc['Mass', 'sens_lo'], t.loc['Mass', 'sens_hi']) == pytest.approx(wilson(3, 4))
     assert not t.loc['Mass', 'usable'] and t.loc['Hernia', 'positives'] == 0 and not t.loc['Hernia', 'usable']
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4) and wilson(0, 5)[0] == 0.0
+    assert wilson(6, 6) == (pytest.approx(0.6097, abs=1e-4), 1.0) and wilson(0, 7)[1] > 0    # k = n: exactly 1, not 1 - 1e-16
 
 
 def test_calibration_finds_the_cut_between_separable_scores():
@@ -80,8 +81,8 @@ def test_fidelity_shares_and_verdicts_on_a_known_case():
 
 
 def test_fidelity_figure_draws_shares_of_one(tmp_path):
-    "Every labelled image shows it (k = n): the Wilson bound rounds just below 1, and the figure still draws (it raised on negative error bars)."
-    a1 = fidelity_rows('algorithm1', ['Mass'] * 6, _det([True] * 6, 6))       # Wilson's upper bound of 6/6: 0.9999999999999999
+    "Every labelled image shows it (k = n): the figure draws (it raised on negative error bars when Wilson's bound rounded below 1)."
+    a1 = fidelity_rows('algorithm1', ['Mass'] * 6, _det([True] * 6, 6))
     rnd = fidelity_rows('random', ['No Finding'] * 5, _det([False] * 5, 5))
     t = fidelity_table(pd.concat([a1, rnd]), {'Mass': True})
     out = fidelity_figure(t, tmp_path / 'f.png')
